@@ -1,0 +1,74 @@
+//! The cache tiers holding token→JWT entries: [`local`] in process, [`redis`] shared between
+//! replicas behind the [`SharedCache`] trait. Only allowed outcomes are ever cached.
+
+pub mod local;
+pub mod redis;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::decision::Authorization;
+use crate::introspection::BoxFuture;
+use crate::token::{CacheKey, Token};
+
+/// A cached allow: the forwarded `Authorization` value and when the entry dies.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CachedJwt {
+    pub authorization: Authorization,
+    /// Milliseconds since the epoch after which the entry must not be used.
+    pub expires_at_ms: u64,
+}
+
+impl std::fmt::Debug for CachedJwt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CachedJwt")
+            .field("len", &self.authorization.len())
+            .field("expires_at_ms", &self.expires_at_ms)
+            .finish()
+    }
+}
+
+impl CachedJwt {
+    /// Time left before expiry, zero if already expired.
+    pub fn remaining(&self, now_ms: u64) -> Duration {
+        Duration::from_millis(self.expires_at_ms.saturating_sub(now_ms))
+    }
+}
+
+/// Why the shared cache could not answer. A Check never fails for it: it introspects instead.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CacheError {
+    #[error("redis command timed out")]
+    Timeout,
+    #[error("redis error: {0}")]
+    Redis(String),
+    /// The entry was there but did not decrypt or parse.
+    #[error("cache entry failed to decrypt or parse")]
+    Corrupt,
+}
+
+/// The cache every replica shares.
+pub trait SharedCache: Send + Sync {
+    /// Looks up the entry for `key`, decrypting it with what only `token`'s holder can derive.
+    fn get<'a>(
+        &'a self,
+        key: &'a CacheKey,
+        token: Token<'a>,
+    ) -> BoxFuture<'a, Result<Option<CachedJwt>, CacheError>>;
+
+    /// Prepares the write now (sealing the entry needs the token) and returns a future that owns
+    /// everything it needs, so the caller can run it after answering Envoy.
+    fn put(
+        &self,
+        key: &CacheKey,
+        token: Token<'_>,
+        entry: &CachedJwt,
+        ttl: Duration,
+    ) -> BoxFuture<'static, Result<(), CacheError>>;
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

@@ -1,0 +1,233 @@
+//! The in-process tier: a bounded map from token digest to the forwarded `Authorization` value.
+//!
+//! Bounded by entries and by bytes. When full it first drops expired entries, then an eighth of
+//! the rest; keys are SHA-256 digests, so the map's iteration order is effectively random and
+//! this is random replacement at amortised O(1) per insert, with no ordering structure to pay for.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::decision::Authorization;
+use crate::metrics;
+use crate::token::CacheKey;
+
+/// Bytes counted per entry on top of the value: key, map slot and allocation headers.
+const ENTRY_OVERHEAD: u64 = 96;
+
+pub struct LocalCache {
+    inner: Mutex<Inner>,
+    max_entries: usize,
+    max_bytes: u64,
+}
+
+struct Inner {
+    map: HashMap<CacheKey, Entry, DigestHash>,
+    bytes: u64,
+}
+
+struct Entry {
+    authorization: Authorization,
+    expires: Instant,
+}
+
+impl LocalCache {
+    pub fn new(max_entries: usize, max_bytes: u64) -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                map: HashMap::with_hasher(DigestHash),
+                bytes: 0,
+            }),
+            max_entries,
+            max_bytes,
+        }
+    }
+
+    /// The live entry for `key`, if any.
+    pub fn get(&self, key: &CacheKey) -> Option<Authorization> {
+        let now = Instant::now();
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = inner.map.get(key)?;
+        if entry.expires > now {
+            return Some(entry.authorization.clone());
+        }
+        inner.remove(key);
+        None
+    }
+
+    /// Stores `authorization` for at most `ttl`. A zero TTL stores nothing.
+    pub fn put(&self, key: CacheKey, authorization: Authorization, ttl: Duration) {
+        if ttl.is_zero() {
+            return;
+        }
+        let size = entry_size(&authorization);
+        if size > self.max_bytes {
+            return;
+        }
+        let now = Instant::now();
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.remove(&key);
+        if inner.map.len() >= self.max_entries || inner.bytes + size > self.max_bytes {
+            inner.make_room(now, self.max_entries, self.max_bytes);
+        }
+        inner.bytes += size;
+        inner.map.insert(
+            key,
+            Entry {
+                authorization,
+                expires: now + ttl,
+            },
+        );
+        metrics::local_cache_size(inner.map.len(), inner.bytes);
+    }
+
+    /// Drops the entry for `key` (revocation).
+    pub fn remove(&self, key: &CacheKey) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.remove(key);
+        metrics::local_cache_size(inner.map.len(), inner.bytes);
+    }
+
+    /// Entries and accounted bytes held now.
+    pub fn size(&self) -> (usize, u64) {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        (inner.map.len(), inner.bytes)
+    }
+}
+
+impl Inner {
+    fn remove(&mut self, key: &CacheKey) {
+        if let Some(old) = self.map.remove(key) {
+            self.bytes -= entry_size(&old.authorization);
+        }
+    }
+
+    /// Drops expired entries, then enough others to leave an eighth of both bounds free.
+    fn make_room(&mut self, now: Instant, max_entries: usize, max_bytes: u64) {
+        let mut freed = 0;
+        self.map.retain(|_, entry| {
+            let keep = entry.expires > now;
+            if !keep {
+                freed += entry_size(&entry.authorization);
+            }
+            keep
+        });
+        self.bytes -= freed;
+        let target_entries = max_entries - max_entries / 8 - 1;
+        let target_bytes = max_bytes - max_bytes / 8;
+        if self.map.len() <= target_entries && self.bytes <= target_bytes {
+            return;
+        }
+        let mut victims = Vec::new();
+        let (mut entries, mut bytes) = (self.map.len(), self.bytes);
+        for (key, entry) in &self.map {
+            if entries <= target_entries && bytes <= target_bytes {
+                break;
+            }
+            entries -= 1;
+            bytes -= entry_size(&entry.authorization);
+            victims.push(*key);
+        }
+        for key in victims {
+            self.remove(&key);
+        }
+    }
+}
+
+fn entry_size(authorization: &Authorization) -> u64 {
+    authorization.len() as u64 + ENTRY_OVERHEAD
+}
+
+/// Keys are SHA-256 digests: their first eight bytes are already a uniform hash.
+#[derive(Clone, Copy, Default)]
+struct DigestHash;
+
+impl BuildHasher for DigestHash {
+    type Hasher = DigestHasher;
+    fn build_hasher(&self) -> DigestHasher {
+        DigestHasher(0)
+    }
+}
+
+struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write_u64(&mut self, word: u64) {
+        // `CacheKey` hashes as one `write_u64` of digest bytes: use them as they are.
+        self.0 = word;
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Not reached for `CacheKey`; a plain FNV-1a keeps the hasher correct for anything else.
+        for &byte in bytes {
+            self.0 = (self.0 ^ u64::from(byte)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decision::bearer;
+    use crate::token::{CacheKey, parse_bearer};
+
+    fn key(n: usize) -> CacheKey {
+        let value = format!("Bearer token{n}");
+        CacheKey::of(parse_bearer(&value, 100).unwrap())
+    }
+
+    #[test]
+    fn hit_until_expiry() {
+        let cache = LocalCache::new(10, 1 << 20);
+        cache.put(key(1), bearer("a.b.c"), Duration::from_millis(30));
+        assert_eq!(cache.get(&key(1)).as_deref(), Some("Bearer a.b.c"));
+        assert_eq!(cache.get(&key(2)), None);
+        std::thread::sleep(Duration::from_millis(40));
+        assert_eq!(cache.get(&key(1)), None);
+        assert_eq!(cache.size(), (0, 0));
+    }
+
+    #[test]
+    fn zero_ttl_stores_nothing() {
+        let cache = LocalCache::new(10, 1 << 20);
+        cache.put(key(1), bearer("a.b.c"), Duration::ZERO);
+        assert_eq!(cache.get(&key(1)), None);
+    }
+
+    #[test]
+    fn entry_bound_holds() {
+        let cache = LocalCache::new(100, 1 << 30);
+        for n in 0..1_000 {
+            cache.put(key(n), bearer("a.b.c"), Duration::from_secs(60));
+            assert!(cache.size().0 <= 100);
+        }
+        // The newest entry always survives its own insertion.
+        assert!(cache.get(&key(999)).is_some());
+    }
+
+    #[test]
+    fn byte_bound_holds() {
+        let jwt = "x".repeat(1_000);
+        let cache = LocalCache::new(1_000_000, 20_000);
+        for n in 0..500 {
+            cache.put(key(n), bearer(&jwt), Duration::from_secs(60));
+            assert!(cache.size().1 <= 20_000);
+        }
+        assert!(cache.size().0 >= 10);
+    }
+
+    #[test]
+    fn replacing_keeps_byte_count_exact() {
+        let cache = LocalCache::new(10, 1 << 20);
+        cache.put(key(1), bearer("a.b.c"), Duration::from_secs(60));
+        cache.put(key(1), bearer("a.b.cdef"), Duration::from_secs(60));
+        assert_eq!(cache.size(), (1, entry_size(&bearer("a.b.cdef"))));
+        cache.remove(&key(1));
+        assert_eq!(cache.size(), (0, 0));
+    }
+}

@@ -1,0 +1,262 @@
+//! The shared tier in Redis, sealed so that reading Redis reveals nothing.
+//!
+//! Key: `phantom-authz:v1:<hex SHA-256 of the token>`. Value: `nonce ‖ AES-256-GCM(expiry ‖ JWT)`
+//! under a key derived from the token with HKDF-SHA256, the Redis key as associated data. Only a
+//! holder of the token can read an entry or plant one that decrypts; the TTL lives in Redis
+//! (one `SET … PX`). Every command is bounded by a timeout; the connection reconnects by itself.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use hkdf::Hkdf;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, Client, IntoConnectionInfo};
+use sha2::Sha256;
+
+use super::{CacheError, CachedJwt, SharedCache, now_ms};
+use crate::config::Secret;
+use crate::decision::Authorization;
+use crate::introspection::BoxFuture;
+use crate::metrics;
+use crate::token::{CacheKey, Token};
+
+const NONCE_LEN: usize = 12;
+const EXPIRY_LEN: usize = 8;
+
+/// The Redis tier.
+pub struct RedisCache {
+    connection: ConnectionManager,
+    timeout: Duration,
+    healthy: Arc<AtomicBool>,
+}
+
+impl RedisCache {
+    /// Prepares a lazily connected, self-reconnecting client: Redis may be down at start-up.
+    pub fn new(url: &Secret, timeout: Duration) -> Result<Self, String> {
+        // The URL may carry a password: errors name the flag, never the value.
+        let info = url
+            .expose()
+            .into_connection_info()
+            .map_err(|_| "--redis-url: not a valid redis:// or rediss:// URL".to_string())?;
+        let info = info.set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+        let client = Client::open(info)
+            .map_err(|_| "--redis-url: cannot build a Redis client".to_string())?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout.max(Duration::from_millis(250))))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_secs(1));
+        let connection = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|e| format!("--redis-url: {}", e.kind_name()))?;
+        Ok(Self {
+            connection,
+            timeout,
+            healthy: Arc::new(AtomicBool::new(true)),
+        })
+    }
+
+    /// Whether the last command succeeded; `/readyz` reports it.
+    pub fn health(&self) -> Arc<AtomicBool> {
+        self.healthy.clone()
+    }
+}
+
+trait KindName {
+    fn kind_name(&self) -> String;
+}
+
+impl KindName for redis::RedisError {
+    /// The error's category only: Redis error texts may quote arguments.
+    fn kind_name(&self) -> String {
+        format!("{:?}", self.kind())
+    }
+}
+
+async fn timed<T>(
+    op: &'static str,
+    timeout: Duration,
+    healthy: &AtomicBool,
+    command: impl Future<Output = redis::RedisResult<T>>,
+) -> Result<T, CacheError> {
+    let started = Instant::now();
+    let result = match tokio::time::timeout(timeout, command).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) if e.is_timeout() => Err(CacheError::Timeout),
+        Ok(Err(e)) => Err(CacheError::Redis(e.kind_name())),
+        Err(_) => Err(CacheError::Timeout),
+    };
+    metrics::redis_command(op, started.elapsed(), result.is_ok());
+    healthy.store(result.is_ok(), Ordering::Relaxed);
+    result
+}
+
+impl SharedCache for RedisCache {
+    fn get<'a>(
+        &'a self,
+        key: &'a CacheKey,
+        token: Token<'a>,
+    ) -> BoxFuture<'a, Result<Option<CachedJwt>, CacheError>> {
+        Box::pin(async move {
+            let redis_key = key.redis_key();
+            let mut connection = self.connection.clone();
+            let value: Option<Vec<u8>> = timed(
+                "get",
+                self.timeout,
+                &self.healthy,
+                connection.get(&redis_key),
+            )
+            .await?;
+            let Some(value) = value else {
+                return Ok(None);
+            };
+            let entry = open(&Sealer::for_token(token), &redis_key, &value)?;
+            Ok((entry.expires_at_ms > now_ms()).then_some(entry))
+        })
+    }
+
+    fn put(
+        &self,
+        key: &CacheKey,
+        token: Token<'_>,
+        entry: &CachedJwt,
+        ttl: Duration,
+    ) -> BoxFuture<'static, Result<(), CacheError>> {
+        let redis_key = key.redis_key();
+        let value = seal(&Sealer::for_token(token), &redis_key, entry);
+        let mut connection = self.connection.clone();
+        let timeout = self.timeout;
+        let healthy = self.healthy.clone();
+        let ttl_ms = ttl.as_millis().max(1) as u64;
+        Box::pin(async move {
+            let value = value?;
+            timed(
+                "set",
+                timeout,
+                &healthy,
+                connection.pset_ex::<_, _, ()>(redis_key, value, ttl_ms),
+            )
+            .await
+        })
+    }
+}
+
+/// The AEAD keyed from the token.
+pub struct Sealer(Aes256Gcm);
+
+impl Sealer {
+    pub fn for_token(token: Token<'_>) -> Self {
+        let hkdf = Hkdf::<Sha256>::new(Some(b"phantom-authz cache v1"), token.expose().as_bytes());
+        let mut key = [0u8; 32];
+        hkdf.expand(b"cache value encryption key", &mut key)
+            .expect("32 bytes is a valid HKDF-SHA256 output length");
+        Self(Aes256Gcm::new(&key.into()))
+    }
+}
+
+/// Encrypts `expiry ‖ JWT-authorization` under a fresh random nonce.
+pub fn seal(sealer: &Sealer, redis_key: &str, entry: &CachedJwt) -> Result<Vec<u8>, CacheError> {
+    let mut nonce = [0u8; NONCE_LEN];
+    getrandom::fill(&mut nonce).map_err(|_| CacheError::Redis("no randomness".into()))?;
+    let mut plaintext = Vec::with_capacity(EXPIRY_LEN + entry.authorization.len());
+    plaintext.extend_from_slice(&entry.expires_at_ms.to_be_bytes());
+    plaintext.extend_from_slice(entry.authorization.as_bytes());
+    let ciphertext = sealer
+        .0
+        .encrypt(
+            &Nonce::from(nonce),
+            Payload {
+                msg: &plaintext,
+                aad: redis_key.as_bytes(),
+            },
+        )
+        .map_err(|_| CacheError::Corrupt)?;
+    let mut value = Vec::with_capacity(NONCE_LEN + ciphertext.len());
+    value.extend_from_slice(&nonce);
+    value.extend_from_slice(&ciphertext);
+    Ok(value)
+}
+
+/// Decrypts and checks a value; anything that fails is `Corrupt`.
+pub fn open(sealer: &Sealer, redis_key: &str, value: &[u8]) -> Result<CachedJwt, CacheError> {
+    if value.len() < NONCE_LEN {
+        return Err(CacheError::Corrupt);
+    }
+    let (nonce, ciphertext) = value.split_at(NONCE_LEN);
+    let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| CacheError::Corrupt)?;
+    let plaintext = sealer
+        .0
+        .decrypt(
+            &Nonce::from(nonce),
+            Payload {
+                msg: ciphertext,
+                aad: redis_key.as_bytes(),
+            },
+        )
+        .map_err(|_| CacheError::Corrupt)?;
+    if plaintext.len() <= EXPIRY_LEN {
+        return Err(CacheError::Corrupt);
+    }
+    let (expiry, authorization) = plaintext.split_at(EXPIRY_LEN);
+    let expires_at_ms = u64::from_be_bytes(expiry.try_into().map_err(|_| CacheError::Corrupt)?);
+    let authorization = std::str::from_utf8(authorization).map_err(|_| CacheError::Corrupt)?;
+    if !authorization.starts_with("Bearer ") {
+        return Err(CacheError::Corrupt);
+    }
+    Ok(CachedJwt {
+        authorization: Authorization::from(authorization),
+        expires_at_ms,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decision::bearer;
+    use crate::token::parse_bearer;
+
+    #[test]
+    fn sealed_entries_open_only_with_their_token() {
+        let header = "Bearer token-one".to_string();
+        let token = parse_bearer(&header, 100).unwrap();
+        let other = "Bearer token-two".to_string();
+        let other = parse_bearer(&other, 100).unwrap();
+        let key = CacheKey::of(token).redis_key();
+        let entry = CachedJwt {
+            authorization: bearer("eyJ.eyJzdWIiOiJhbGljZSJ9.sig"),
+            expires_at_ms: 1_234,
+        };
+        let sealed = seal(&Sealer::for_token(token), &key, &entry).unwrap();
+        assert!(!sealed.windows(5).any(|w| w == b"alice" || w == b"token"));
+        assert_eq!(
+            open(&Sealer::for_token(token), &key, &sealed),
+            Ok(entry.clone())
+        );
+        assert_eq!(
+            open(&Sealer::for_token(other), &key, &sealed),
+            Err(CacheError::Corrupt)
+        );
+        assert_eq!(
+            open(&Sealer::for_token(token), "phantom-authz:v1:other", &sealed),
+            Err(CacheError::Corrupt)
+        );
+        let mut tampered = sealed.clone();
+        *tampered.last_mut().unwrap() ^= 1;
+        assert_eq!(
+            open(&Sealer::for_token(token), &key, &tampered),
+            Err(CacheError::Corrupt)
+        );
+        assert_eq!(
+            open(&Sealer::for_token(token), &key, b"short"),
+            Err(CacheError::Corrupt)
+        );
+        // Two seals of one entry differ (fresh nonces).
+        assert_ne!(
+            sealed,
+            seal(&Sealer::for_token(token), &key, &entry).unwrap()
+        );
+    }
+}

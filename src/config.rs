@@ -1,0 +1,476 @@
+//! Flags and environment, parsed and validated into plain types. No I/O happens here.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// Command-line flags. Every flag is also read from `PHANTOM_AUTHZ_<FLAG>`.
+#[derive(Parser)]
+#[command(
+    name = "phantom-authz",
+    version,
+    about = "Envoy ext_authz service for the phantom token pattern: swaps opaque access tokens \
+             for JWTs through OAuth introspection, with a shared Redis cache."
+)]
+pub struct Args {
+    /// Address of the ext_authz gRPC listener (also serves grpc.health.v1).
+    #[arg(
+        long,
+        env = "PHANTOM_AUTHZ_GRPC_LISTEN",
+        default_value = "0.0.0.0:9001"
+    )]
+    pub grpc_listen: SocketAddr,
+
+    /// Address of the admin HTTP listener: /metrics, /healthz, /readyz.
+    #[arg(
+        long,
+        env = "PHANTOM_AUTHZ_ADMIN_LISTEN",
+        default_value = "0.0.0.0:9090"
+    )]
+    pub admin_listen: SocketAddr,
+
+    /// The identity server's introspection endpoint (http or https).
+    #[arg(long, env = "PHANTOM_AUTHZ_INTROSPECTION_URL")]
+    pub introspection_url: Option<String>,
+
+    /// Client id of the introspecting client.
+    #[arg(long, env = "PHANTOM_AUTHZ_CLIENT_ID")]
+    pub client_id: Option<String>,
+
+    /// Client secret of the introspecting client. Prefer --client-secret-file.
+    #[arg(long, env = "PHANTOM_AUTHZ_CLIENT_SECRET", hide_env_values = true)]
+    pub client_secret: Option<String>,
+
+    /// File holding the client secret (surrounding whitespace is trimmed).
+    #[arg(long, env = "PHANTOM_AUTHZ_CLIENT_SECRET_FILE")]
+    pub client_secret_file: Option<PathBuf>,
+
+    /// `jwt`: ask for `application/jwt`, the JWT is the body (204 means inactive).
+    /// `json`: RFC 7662 JSON whose `jwt` field holds the JWT.
+    #[arg(
+        long,
+        env = "PHANTOM_AUTHZ_INTROSPECTION_MODE",
+        value_enum,
+        default_value = "jwt"
+    )]
+    pub introspection_mode: IntrospectionMode,
+
+    /// Bound on one introspection call, connection included.
+    #[arg(long, env = "PHANTOM_AUTHZ_INTROSPECTION_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub introspection_timeout: Duration,
+
+    /// Shared cache (redis:// or rediss://). Without it the in-process cache serves alone.
+    #[arg(long, env = "PHANTOM_AUTHZ_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+
+    /// Bound on one Redis command; on expiry the Check falls back to introspection.
+    #[arg(long, env = "PHANTOM_AUTHZ_REDIS_TIMEOUT", default_value = "50ms", value_parser = parse_duration)]
+    pub redis_timeout: Duration,
+
+    /// Cache TTL when the identity server sends no Cache-Control max-age.
+    #[arg(long, env = "PHANTOM_AUTHZ_DEFAULT_CACHE_TTL", default_value = "300s", value_parser = parse_duration)]
+    pub default_cache_ttl: Duration,
+
+    /// Longest time an in-process entry is trusted before Redis is asked again (with
+    /// --redis-url); bounds how long another replica's eviction takes to show. 0 turns the
+    /// in-process tier off when Redis is configured.
+    #[arg(long, env = "PHANTOM_AUTHZ_LOCAL_CACHE_TTL", default_value = "10s", value_parser = parse_duration)]
+    pub local_cache_ttl: Duration,
+
+    /// Most entries held in the in-process cache.
+    #[arg(
+        long,
+        env = "PHANTOM_AUTHZ_LOCAL_CACHE_MAX_ENTRIES",
+        default_value_t = 100_000
+    )]
+    pub local_cache_max_entries: usize,
+
+    /// Most JWT bytes held in the in-process cache (e.g. 256MiB, 64MB, 1048576).
+    #[arg(long, env = "PHANTOM_AUTHZ_LOCAL_CACHE_MAX_BYTES", default_value = "256MiB", value_parser = parse_bytes)]
+    pub local_cache_max_bytes: u64,
+
+    /// Longest access token accepted; longer ones are rejected without calling the IdP.
+    #[arg(long, env = "PHANTOM_AUTHZ_MAX_TOKEN_LENGTH", default_value_t = 4096)]
+    pub max_token_length: usize,
+
+    /// Realm announced in `WWW-Authenticate`.
+    #[arg(long, env = "PHANTOM_AUTHZ_REALM", default_value = "api")]
+    pub realm: String,
+
+    /// How long in-flight Checks may take to finish after SIGTERM.
+    #[arg(long, env = "PHANTOM_AUTHZ_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Log line format.
+    #[arg(
+        long,
+        env = "PHANTOM_AUTHZ_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+}
+
+/// How the identity server is asked for the JWT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum IntrospectionMode {
+    /// `Accept: application/jwt`; 200 carries the JWT, 204 means inactive.
+    Jwt,
+    /// `Accept: application/json`; RFC 7662 JSON with `active` and `jwt`.
+    Json,
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A value that must never be printed: its `Debug` and `Display` are redacted.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Where the client secret comes from; reading a file is left to start-up code.
+#[derive(Debug)]
+pub enum SecretSource {
+    Value(Secret),
+    File(PathBuf),
+}
+
+/// The validated configuration.
+#[derive(Debug)]
+pub struct Config {
+    pub grpc_listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub introspection: IntrospectionConfig,
+    pub cache: CacheConfig,
+    pub redis: Option<RedisConfig>,
+    pub max_token_length: usize,
+    pub realm: String,
+    pub shutdown_grace: Duration,
+    pub log_format: LogFormat,
+}
+
+/// Everything the introspection client needs except the secret's value.
+#[derive(Debug)]
+pub struct IntrospectionConfig {
+    pub url: String,
+    pub client_id: String,
+    pub client_secret: SecretSource,
+    pub mode: IntrospectionMode,
+    pub timeout: Duration,
+}
+
+/// Cache TTLs and bounds.
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    pub default_ttl: Duration,
+    pub local_ttl: Duration,
+    pub local_max_entries: usize,
+    pub local_max_bytes: u64,
+}
+
+/// The shared cache.
+#[derive(Debug)]
+pub struct RedisConfig {
+    pub url: Secret,
+    pub timeout: Duration,
+}
+
+/// A configuration mistake, naming the flag and never a secret's value.
+#[derive(Debug, thiserror::Error)]
+#[error("{flag}: {problem}")]
+pub struct ConfigError {
+    pub flag: &'static str,
+    pub problem: String,
+}
+
+fn invalid(flag: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        flag,
+        problem: problem.into(),
+    }
+}
+
+impl Config {
+    /// Validates parsed flags.
+    pub fn from_args(args: Args) -> Result<Self, ConfigError> {
+        let url = args
+            .introspection_url
+            .ok_or_else(|| invalid("--introspection-url", "is required"))?;
+        validate_http_url(&url)?;
+
+        let client_id = args
+            .client_id
+            .filter(|id| !id.is_empty())
+            .ok_or_else(|| invalid("--client-id", "is required"))?;
+        if client_id.contains(':') {
+            // RFC 6749 §2.3.1 form-encodes the id, but Curity ids never contain ':' and a
+            // colon here is almost always a pasted "id:secret" pair.
+            return Err(invalid("--client-id", "must not contain ':'"));
+        }
+        let client_secret = match (args.client_secret, args.client_secret_file) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "--client-secret",
+                    "give either --client-secret or --client-secret-file, not both",
+                ));
+            }
+            (Some(secret), None) if secret.is_empty() => {
+                return Err(invalid("--client-secret", "must not be empty"));
+            }
+            (Some(secret), None) => SecretSource::Value(Secret::new(secret)),
+            (None, Some(path)) => SecretSource::File(path),
+            (None, None) => {
+                return Err(invalid(
+                    "--client-secret",
+                    "is required (or --client-secret-file)",
+                ));
+            }
+        };
+        if args.introspection_timeout.is_zero() {
+            return Err(invalid("--introspection-timeout", "must be above zero"));
+        }
+
+        let redis = match args.redis_url {
+            None => None,
+            Some(url) => {
+                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                    return Err(invalid(
+                        "--redis-url",
+                        "must start with redis:// or rediss://",
+                    ));
+                }
+                if args.redis_timeout.is_zero() {
+                    return Err(invalid("--redis-timeout", "must be above zero"));
+                }
+                Some(RedisConfig {
+                    url: Secret::new(url),
+                    timeout: args.redis_timeout,
+                })
+            }
+        };
+
+        if args.local_cache_max_entries == 0 {
+            return Err(invalid(
+                "--local-cache-max-entries",
+                "must be at least 1 (use --local-cache-ttl 0 to turn the tier off)",
+            ));
+        }
+        if args.max_token_length == 0 {
+            return Err(invalid("--max-token-length", "must be at least 1"));
+        }
+        validate_realm(&args.realm)?;
+
+        Ok(Config {
+            grpc_listen: args.grpc_listen,
+            admin_listen: args.admin_listen,
+            introspection: IntrospectionConfig {
+                url,
+                client_id,
+                client_secret,
+                mode: args.introspection_mode,
+                timeout: args.introspection_timeout,
+            },
+            cache: CacheConfig {
+                default_ttl: args.default_cache_ttl,
+                local_ttl: args.local_cache_ttl,
+                local_max_entries: args.local_cache_max_entries,
+                local_max_bytes: args.local_cache_max_bytes,
+            },
+            redis,
+            max_token_length: args.max_token_length,
+            realm: args.realm,
+            shutdown_grace: args.shutdown_grace,
+            log_format: args.log_format,
+        })
+    }
+}
+
+fn validate_http_url(url: &str) -> Result<(), ConfigError> {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| invalid("--introspection-url", "must start with http:// or https://"))?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.is_empty() {
+        return Err(invalid("--introspection-url", "has no host"));
+    }
+    if authority.contains('@') {
+        return Err(invalid(
+            "--introspection-url",
+            "must not carry credentials; use --client-id and --client-secret",
+        ));
+    }
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(invalid("--introspection-url", "contains whitespace"));
+    }
+    Ok(())
+}
+
+/// The realm goes inside a quoted-string in `WWW-Authenticate`.
+fn validate_realm(realm: &str) -> Result<(), ConfigError> {
+    let ok = !realm.is_empty()
+        && realm
+            .bytes()
+            .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            "--realm",
+            "must be non-empty printable ASCII without '\"' or '\\'",
+        ))
+    }
+}
+
+/// Parses `500ms`, `20s`, `5m`, `1h 30m`, or `0`.
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    if value.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(value.trim())
+        .map_err(|e| format!("{e} (expected a duration such as 500ms, 20s or 5m)"))
+}
+
+/// Parses a byte size: a plain number, or one with a KB/MB/GB or KiB/MiB/GiB suffix.
+pub fn parse_bytes(value: &str) -> Result<u64, String> {
+    let value = value.trim();
+    let split = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
+    let (digits, unit) = value.split_at(split);
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| "expected a size such as 256MiB or 1048576".to_string())?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        other => return Err(format!("unknown size unit {other:?}")),
+    };
+    number
+        .checked_mul(factor)
+        .ok_or_else(|| "size too large".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Result<Config, ConfigError> {
+        let mut argv = vec![
+            "phantom-authz",
+            "--introspection-url",
+            "https://idp.example/oauth/v2/oauth-introspect",
+            "--client-id",
+            "gateway",
+            "--client-secret",
+            "s3cr3t-value",
+        ];
+        argv.extend_from_slice(extra);
+        Config::from_args(Args::try_parse_from(argv).expect("flags parse"))
+    }
+
+    #[test]
+    fn defaults_are_production_safe() {
+        let config = args(&[]).unwrap();
+        assert_eq!(config.grpc_listen.port(), 9001);
+        assert_eq!(config.admin_listen.port(), 9090);
+        assert_eq!(config.introspection.mode, IntrospectionMode::Jwt);
+        assert_eq!(config.introspection.timeout, Duration::from_secs(20));
+        assert_eq!(config.cache.default_ttl, Duration::from_secs(300));
+        assert_eq!(config.realm, "api");
+        assert!(config.redis.is_none());
+    }
+
+    #[test]
+    fn durations_take_human_forms() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("20s"), Ok(Duration::from_secs(20)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn sizes_take_units() {
+        assert_eq!(parse_bytes("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_bytes("64MB"), Ok(64_000_000));
+        assert_eq!(parse_bytes("1024"), Ok(1024));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("99999999999GiB").is_err());
+    }
+
+    #[test]
+    fn errors_name_the_flag_and_hide_secrets() {
+        let err = args(&["--client-secret-file", "/run/secret"]).unwrap_err();
+        assert_eq!(err.flag, "--client-secret");
+        assert!(!err.to_string().contains("s3cr3t-value"));
+
+        let err = args(&["--redis-url", "http://cache:6379"]).unwrap_err();
+        assert_eq!(err.flag, "--redis-url");
+
+        let err = args(&["--realm", "a\"b"]).unwrap_err();
+        assert_eq!(err.flag, "--realm");
+
+        let err = args(&["--introspection-timeout", "0"]).unwrap_err();
+        assert_eq!(err.flag, "--introspection-timeout");
+    }
+
+    #[test]
+    fn introspection_url_is_checked() {
+        for bad in [
+            "ftp://idp/introspect",
+            "https://",
+            "https://user:pw@idp/x",
+            "idp/x",
+        ] {
+            let argv = [
+                "phantom-authz",
+                "--introspection-url",
+                bad,
+                "--client-id",
+                "gw",
+                "--client-secret",
+                "x",
+            ];
+            let err = Config::from_args(Args::try_parse_from(argv).unwrap()).unwrap_err();
+            assert_eq!(err.flag, "--introspection-url", "{bad}");
+        }
+    }
+
+    #[test]
+    fn secrets_do_not_debug_print() {
+        let config = args(&["--redis-url", "redis://:hunter2@cache:6379"]).unwrap();
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("s3cr3t-value"), "{printed}");
+        assert!(!printed.contains("hunter2"), "{printed}");
+    }
+}

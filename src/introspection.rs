@@ -1,0 +1,498 @@
+//! The HTTP client for the identity server's introspection endpoint, and the parsing of what it
+//! answers (RFC 7662 JSON or Curity's `application/jwt`).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use reqwest::header::{ACCEPT, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+
+use crate::config::{IntrospectionMode, Secret};
+use crate::metrics;
+use crate::token::Token;
+
+/// A boxed future, for the object-safe I/O traits.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Largest introspection response read; anything bigger is a bad response, not an allow.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// The identity server, as the authorizer sees it.
+pub trait Introspect: Send + Sync {
+    fn introspect<'a>(&'a self, token: Token<'a>) -> BoxFuture<'a, Result<Introspected, IdpError>>;
+}
+
+/// A usable answer from the identity server.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Introspected {
+    Active(ActiveToken),
+    Inactive,
+}
+
+/// An active token's JWT and what bounds how long it may be cached.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ActiveToken {
+    pub jwt: String,
+    /// The JWT's own `exp`, in seconds since the epoch.
+    pub jwt_exp: Option<u64>,
+    /// The JSON response's `exp` (json mode), in seconds since the epoch.
+    pub response_exp: Option<u64>,
+    /// What `Cache-Control` said.
+    pub cache: CacheDirective,
+}
+
+impl std::fmt::Debug for Introspected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Introspected::Active(active) => f
+                .debug_struct("Active")
+                .field("jwt_len", &active.jwt.len())
+                .field("jwt_exp", &active.jwt_exp)
+                .field("response_exp", &active.response_exp)
+                .field("cache", &active.cache)
+                .finish(),
+            Introspected::Inactive => f.write_str("Inactive"),
+        }
+    }
+}
+
+/// The caching instruction in the IdP's `Cache-Control` header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheDirective {
+    /// No usable directive: the default TTL applies.
+    Unspecified,
+    /// `max-age` (or `s-maxage`, which wins for a shared cache like ours).
+    MaxAge(Duration),
+    /// `no-store`, `no-cache`, `max-age=0` or a malformed `max-age`: do not cache.
+    DoNotCache,
+}
+
+/// Why introspection gave no usable answer. Never carries a token, JWT or secret.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdpError {
+    #[error("identity server unreachable")]
+    Unreachable,
+    #[error("introspection timed out")]
+    Timeout,
+    #[error("identity server answered HTTP {0}")]
+    Status(u16),
+    #[error("introspection response unusable: {0}")]
+    BadResponse(&'static str),
+}
+
+impl IdpError {
+    /// A bounded label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            IdpError::Unreachable => "unreachable",
+            IdpError::Timeout => "timeout",
+            IdpError::Status(503) => "status_503",
+            IdpError::Status(400..=499) => "status_4xx",
+            IdpError::Status(500..=599) => "status_5xx",
+            IdpError::Status(_) => "status_other",
+            IdpError::BadResponse(_) => "bad_response",
+        }
+    }
+}
+
+/// Introspection over HTTP(S) with pooled, reused connections and no redirects.
+pub struct HttpIntrospector {
+    client: reqwest::Client,
+    url: reqwest::Url,
+    basic_auth: HeaderValue,
+    accept: HeaderValue,
+    mode: IntrospectionMode,
+}
+
+impl HttpIntrospector {
+    pub fn new(
+        url: &str,
+        client_id: &str,
+        client_secret: &Secret,
+        mode: IntrospectionMode,
+        timeout: Duration,
+    ) -> Result<Self, String> {
+        let url = reqwest::Url::parse(url).map_err(|e| format!("--introspection-url: {e}"))?;
+        let client = reqwest::Client::builder()
+            // The credentials must never travel to wherever a redirect points.
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| format!("introspection client: {e}"))?;
+        Ok(Self {
+            client,
+            url,
+            basic_auth: basic_auth(client_id, client_secret)?,
+            accept: HeaderValue::from_static(match mode {
+                IntrospectionMode::Jwt => "application/jwt",
+                IntrospectionMode::Json => "application/json",
+            }),
+            mode,
+        })
+    }
+
+    async fn call(&self, token: Token<'_>) -> Result<Introspected, IdpError> {
+        let mut body = String::with_capacity(6 + token.len() + 8);
+        body.push_str("token=");
+        form_encode_into(token.expose(), &mut body);
+        let response = self
+            .client
+            .post(self.url.clone())
+            .header(AUTHORIZATION, self.basic_auth.clone())
+            .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(ACCEPT, self.accept.clone())
+            .body(body)
+            .send()
+            .await
+            .map_err(transport_error)?;
+        let status = response.status().as_u16();
+        let cache = cache_directive(response.headers().get_all(CACHE_CONTROL).iter());
+        match (self.mode, status) {
+            (IntrospectionMode::Jwt, 204) => return Ok(Introspected::Inactive),
+            (_, 200) => {}
+            (_, other) => return Err(IdpError::Status(other)),
+        }
+        let body = read_capped(response).await?;
+        match self.mode {
+            IntrospectionMode::Jwt => parse_jwt_body(&body, cache),
+            IntrospectionMode::Json => parse_json_body(&body, cache),
+        }
+    }
+}
+
+impl Introspect for HttpIntrospector {
+    fn introspect<'a>(&'a self, token: Token<'a>) -> BoxFuture<'a, Result<Introspected, IdpError>> {
+        Box::pin(async move {
+            let _in_flight = metrics::InFlight::start();
+            let started = Instant::now();
+            let result = self.call(token).await;
+            let label = match &result {
+                Ok(Introspected::Active(_)) => "active",
+                Ok(Introspected::Inactive) => "inactive",
+                Err(e) => e.label(),
+            };
+            metrics::introspection(label, started.elapsed());
+            result
+        })
+    }
+}
+
+fn transport_error(error: reqwest::Error) -> IdpError {
+    // reqwest errors can print the URL but never the body or headers we sent.
+    if error.is_timeout() {
+        IdpError::Timeout
+    } else {
+        tracing::debug!(error = %error, "introspection transport error");
+        IdpError::Unreachable
+    }
+}
+
+async fn read_capped(mut response: reqwest::Response) -> Result<Vec<u8>, IdpError> {
+    if response
+        .content_length()
+        .is_some_and(|len| len > MAX_BODY_BYTES as u64)
+    {
+        return Err(IdpError::BadResponse("body too large"));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(transport_error)? {
+        if body.len() + chunk.len() > MAX_BODY_BYTES {
+            return Err(IdpError::BadResponse("body too large"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// `Authorization: Basic base64(form(id):form(secret))` (RFC 6749 §2.3.1), marked sensitive so
+/// the HTTP stack never prints it.
+fn basic_auth(client_id: &str, client_secret: &Secret) -> Result<HeaderValue, String> {
+    let mut credentials = String::new();
+    form_encode_into(client_id, &mut credentials);
+    credentials.push(':');
+    form_encode_into(client_secret.expose(), &mut credentials);
+    let mut value = HeaderValue::from_str(&format!("Basic {}", STANDARD.encode(credentials)))
+        .map_err(|_| "--client-id: cannot form a Basic credential".to_string())?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+/// application/x-www-form-urlencoded, as RFC 6749 Appendix B asks for credentials and the token.
+fn form_encode_into(value: &str, out: &mut String) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    for byte in value.bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' => {
+                out.push(byte as char)
+            }
+            b' ' => out.push('+'),
+            _ => {
+                out.push('%');
+                out.push(HEX[usize::from(byte >> 4)] as char);
+                out.push(HEX[usize::from(byte & 0xf)] as char);
+            }
+        }
+    }
+}
+
+/// Reads `Cache-Control` (all header lines together). Unknown directives are ignored.
+pub fn cache_directive<'a>(values: impl Iterator<Item = &'a HeaderValue>) -> CacheDirective {
+    let mut max_age = None;
+    let mut s_maxage = None;
+    for value in values {
+        let Ok(value) = value.to_str() else {
+            return CacheDirective::DoNotCache;
+        };
+        for directive in value.split(',') {
+            let directive = directive.trim();
+            if directive.is_empty() {
+                continue;
+            }
+            let (name, argument) = match directive.split_once('=') {
+                Some((name, arg)) => (name.trim(), Some(arg.trim().trim_matches('"'))),
+                None => (directive, None),
+            };
+            if name.eq_ignore_ascii_case("no-store") || name.eq_ignore_ascii_case("no-cache") {
+                return CacheDirective::DoNotCache;
+            }
+            let slot = if name.eq_ignore_ascii_case("max-age") {
+                &mut max_age
+            } else if name.eq_ignore_ascii_case("s-maxage") {
+                &mut s_maxage
+            } else {
+                continue;
+            };
+            match argument.and_then(|a| a.parse::<u64>().ok()) {
+                Some(seconds) => *slot = Some(seconds),
+                // RFC 9111 §4.2.1: an invalid max-age makes the response stale.
+                None => return CacheDirective::DoNotCache,
+            }
+        }
+    }
+    match s_maxage.or(max_age) {
+        Some(0) => CacheDirective::DoNotCache,
+        Some(seconds) => CacheDirective::MaxAge(Duration::from_secs(seconds)),
+        None => CacheDirective::Unspecified,
+    }
+}
+
+/// jwt mode: the 200 body is the JWT itself.
+pub fn parse_jwt_body(body: &[u8], cache: CacheDirective) -> Result<Introspected, IdpError> {
+    let text = std::str::from_utf8(body)
+        .map_err(|_| IdpError::BadResponse("body is not a compact JWT"))?
+        .trim_ascii();
+    let jwt_exp = jwt_exp(text)?;
+    Ok(Introspected::Active(ActiveToken {
+        jwt: text.to_owned(),
+        jwt_exp,
+        response_exp: None,
+        cache,
+    }))
+}
+
+/// json mode: RFC 7662 JSON; `active` decides, `jwt` holds the JWT.
+pub fn parse_json_body(body: &[u8], cache: CacheDirective) -> Result<Introspected, IdpError> {
+    let response: serde_json::Value =
+        serde_json::from_slice(body).map_err(|_| IdpError::BadResponse("body is not JSON"))?;
+    let response = response
+        .as_object()
+        .ok_or(IdpError::BadResponse("body is not a JSON object"))?;
+    match response.get("active") {
+        Some(serde_json::Value::Bool(true)) => {}
+        Some(serde_json::Value::Bool(false)) => return Ok(Introspected::Inactive),
+        _ => {
+            return Err(IdpError::BadResponse(
+                "`active` is missing or not a boolean",
+            ));
+        }
+    }
+    let jwt = response
+        .get("jwt")
+        .and_then(serde_json::Value::as_str)
+        .ok_or(IdpError::BadResponse(
+            "active response without a `jwt` string",
+        ))?;
+    let jwt_exp = jwt_exp(jwt)?;
+    let response_exp = response.get("exp").map(numeric_date).transpose()?;
+    Ok(Introspected::Active(ActiveToken {
+        jwt: jwt.to_owned(),
+        jwt_exp,
+        response_exp,
+        cache,
+    }))
+}
+
+/// Checks the compact JWS shape (three non-empty base64url parts, a JSON object payload) and
+/// returns the payload's `exp`.
+pub fn jwt_exp(jwt: &str) -> Result<Option<u64>, IdpError> {
+    const NOT_A_JWT: IdpError = IdpError::BadResponse("not a compact JWT");
+    let mut parts = jwt.split('.');
+    let (Some(header), Some(payload), Some(signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(NOT_A_JWT);
+    };
+    let base64url = |part: &str| {
+        !part.is_empty()
+            && part
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if !(base64url(header) && base64url(payload) && base64url(signature)) {
+        return Err(NOT_A_JWT);
+    }
+    let payload = URL_SAFE_NO_PAD.decode(payload).map_err(|_| NOT_A_JWT)?;
+    let claims: serde_json::Value = serde_json::from_slice(&payload).map_err(|_| NOT_A_JWT)?;
+    let claims = claims.as_object().ok_or(NOT_A_JWT)?;
+    claims.get("exp").map(numeric_date).transpose()
+}
+
+/// An RFC 7519 NumericDate: seconds since the epoch, possibly fractional.
+fn numeric_date(value: &serde_json::Value) -> Result<u64, IdpError> {
+    let seconds = value
+        .as_f64()
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .ok_or(IdpError::BadResponse("`exp` is not a NumericDate"))?;
+    // Round down: never trust a JWT past its expiry.
+    Ok(seconds.floor() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jwt(payload: &str) -> String {
+        format!(
+            "{}.{}.c2ln",
+            URL_SAFE_NO_PAD.encode(r#"{"alg":"RS256"}"#),
+            URL_SAFE_NO_PAD.encode(payload)
+        )
+    }
+
+    fn directive(values: &[&str]) -> CacheDirective {
+        let values: Vec<HeaderValue> = values
+            .iter()
+            .map(|v| HeaderValue::from_str(v).unwrap())
+            .collect();
+        cache_directive(values.iter())
+    }
+
+    #[test]
+    fn cache_control_rules() {
+        assert_eq!(directive(&[]), CacheDirective::Unspecified);
+        assert_eq!(directive(&["public"]), CacheDirective::Unspecified);
+        assert_eq!(
+            directive(&["max-age=60"]),
+            CacheDirective::MaxAge(Duration::from_secs(60))
+        );
+        assert_eq!(
+            directive(&["public, MAX-AGE=\"30\""]),
+            CacheDirective::MaxAge(Duration::from_secs(30))
+        );
+        assert_eq!(
+            directive(&["max-age=60, s-maxage=10"]),
+            CacheDirective::MaxAge(Duration::from_secs(10))
+        );
+        assert_eq!(directive(&["max-age=0"]), CacheDirective::DoNotCache);
+        assert_eq!(directive(&["no-store"]), CacheDirective::DoNotCache);
+        assert_eq!(
+            directive(&["max-age=60", "no-cache"]),
+            CacheDirective::DoNotCache
+        );
+        assert_eq!(directive(&["max-age=soon"]), CacheDirective::DoNotCache);
+        assert_eq!(directive(&["max-age=-5"]), CacheDirective::DoNotCache);
+    }
+
+    #[test]
+    fn jwt_body_is_checked_and_exp_read() {
+        let token = jwt(r#"{"sub":"alice","exp":2000000000}"#);
+        let Introspected::Active(active) =
+            parse_jwt_body(format!("{token}\n").as_bytes(), CacheDirective::Unspecified).unwrap()
+        else {
+            panic!("expected active");
+        };
+        assert_eq!(active.jwt, token);
+        assert_eq!(active.jwt_exp, Some(2_000_000_000));
+
+        for bad in [
+            "",
+            "not a jwt",
+            "a.b",
+            "a.b.c.d",
+            "a..c",
+            "<html>",
+            "e30.e30.",
+            "a.b.c",
+        ] {
+            assert!(
+                parse_jwt_body(bad.as_bytes(), CacheDirective::Unspecified).is_err(),
+                "{bad:?}"
+            );
+        }
+        let not_object = format!("e30.{}.c2ln", URL_SAFE_NO_PAD.encode("[1]"));
+        assert!(jwt_exp(&not_object).is_err());
+        assert!(jwt_exp(&jwt(r#"{"exp":"tomorrow"}"#)).is_err());
+        assert_eq!(
+            jwt_exp(&jwt(r#"{"exp":1700000000.9}"#)),
+            Ok(Some(1_700_000_000))
+        );
+        assert_eq!(jwt_exp(&jwt(r#"{"sub":"x"}"#)), Ok(None));
+    }
+
+    #[test]
+    fn json_body_rules() {
+        let token = jwt(r#"{"exp":2000000000}"#);
+        let active =
+            format!(r#"{{"active":true,"jwt":"{token}","exp":1999999999,"scope":"read"}}"#);
+        let Introspected::Active(parsed) =
+            parse_json_body(active.as_bytes(), CacheDirective::Unspecified).unwrap()
+        else {
+            panic!("expected active");
+        };
+        assert_eq!(parsed.jwt, token);
+        assert_eq!(parsed.response_exp, Some(1_999_999_999));
+
+        assert_eq!(
+            parse_json_body(br#"{"active":false}"#, CacheDirective::Unspecified),
+            Ok(Introspected::Inactive)
+        );
+        for bad in [
+            &br#"{"active":true}"#[..],
+            br#"{"active":true,"jwt":42}"#,
+            br#"{"active":true,"jwt":"nope"}"#,
+            br#"{"active":"true","jwt":"a.b.c"}"#,
+            br#"{"jwt":"a.b.c"}"#,
+            b"[]",
+            b"not json",
+            b"",
+        ] {
+            assert!(
+                parse_json_body(bad, CacheDirective::Unspecified).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn form_encoding() {
+        let mut out = String::new();
+        form_encode_into("a+b/c=d e~", &mut out);
+        assert_eq!(out, "a%2Bb%2Fc%3Dd+e%7E");
+    }
+
+    #[test]
+    fn basic_auth_is_sensitive() {
+        let value = basic_auth("gateway", &Secret::new("s3cr3t")).unwrap();
+        assert!(value.is_sensitive());
+        assert_eq!(
+            value.to_str().unwrap(),
+            format!("Basic {}", STANDARD.encode("gateway:s3cr3t"))
+        );
+    }
+}

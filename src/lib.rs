@@ -1,0 +1,23 @@
+//! phantom-authz: an Envoy ext_authz service that swaps opaque access tokens for JWTs.
+//!
+//! A Check travels one straight line through these modules:
+//!
+//! - [`server`]: the tonic adapter for `envoy.service.auth.v3.Authorization/Check` and the
+//!   admin HTTP endpoints (`/metrics`, `/healthz`, `/readyz`).
+//! - [`token`]: finding the bearer token in a `CheckRequest` and deriving its cache key. Pure.
+//! - [`cache`]: the in-process tier and the shared Redis tier holding token→JWT entries.
+//! - [`introspection`]: the HTTP client for the identity server and the parsing of its answers.
+//! - [`authorizer`]: the flow itself: local cache, Redis, one introspection per token, TTL choice.
+//! - [`decision`]: the one place where outcomes become HTTP statuses, gRPC codes and headers. Pure.
+//!
+//! Around them: [`config`] turns flags and environment into plain validated types, and
+//! [`metrics`] names every metric the service records.
+
+pub mod authorizer;
+pub mod cache;
+pub mod config;
+pub mod decision;
+pub mod introspection;
+pub mod metrics;
+pub mod server;
+pub mod token;

@@ -1,0 +1,198 @@
+//! phantom-authz: parse configuration, set up logging and metrics, build the service, serve,
+//! and drain on SIGTERM.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use phantom_authz::authorizer::{Authorizer, Ttls};
+use phantom_authz::cache::SharedCache;
+use phantom_authz::cache::local::LocalCache;
+use phantom_authz::cache::redis::RedisCache;
+use phantom_authz::config::{Args, Config, LogFormat, Secret, SecretSource};
+use phantom_authz::decision::Responder;
+use phantom_authz::introspection::HttpIntrospector;
+use phantom_authz::server::{self, CheckService, Readiness};
+
+fn main() -> ExitCode {
+    let config = match Config::from_args(Args::parse()) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("phantom-authz: configuration error: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(config.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("phantom-authz: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            eprintln!("phantom-authz: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let metrics = phantom_authz::metrics::install().context("installing the metrics recorder")?;
+    rustls::crypto::ring::default_provider()
+        .install_default()
+        .map_err(|_| anyhow::anyhow!("installing the TLS crypto provider"))?;
+
+    let client_secret = match &config.introspection.client_secret {
+        SecretSource::Value(secret) => secret.clone(),
+        SecretSource::File(path) => read_secret(path)?,
+    };
+    let idp = HttpIntrospector::new(
+        &config.introspection.url,
+        &config.introspection.client_id,
+        &client_secret,
+        config.introspection.mode,
+        config.introspection.timeout,
+    )
+    .map_err(anyhow::Error::msg)?;
+
+    let redis = match &config.redis {
+        Some(redis) => {
+            Some(RedisCache::new(&redis.url, redis.timeout).map_err(anyhow::Error::msg)?)
+        }
+        None => None,
+    };
+    let redis_health = redis.as_ref().map(RedisCache::health);
+    // With Redis, the in-process tier is a short-lived front (off at --local-cache-ttl 0);
+    // without it, the in-process tier is the cache.
+    let local_cap = redis.is_some().then_some(config.cache.local_ttl);
+    let local = (local_cap != Some(std::time::Duration::ZERO))
+        .then(|| LocalCache::new(config.cache.local_max_entries, config.cache.local_max_bytes));
+    let shared = redis.map(|r| Arc::new(r) as Arc<dyn SharedCache>);
+    let authorizer = Arc::new(Authorizer::new(
+        local,
+        shared,
+        Arc::new(idp),
+        Ttls {
+            default: config.cache.default_ttl,
+            local_cap,
+        },
+    ));
+    let service = CheckService::new(
+        authorizer,
+        Responder::new(&config.realm),
+        config.max_token_length,
+    );
+
+    let grpc_listener = TcpListener::bind(config.grpc_listen)
+        .await
+        .with_context(|| format!("--grpc-listen: cannot bind {}", config.grpc_listen))?;
+    let admin_listener = TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| format!("--admin-listen: cannot bind {}", config.admin_listen))?;
+    tracing::info!(
+        grpc = %grpc_listener.local_addr()?,
+        admin = %admin_listener.local_addr()?,
+        mode = ?config.introspection.mode,
+        redis = config.redis.is_some(),
+        "phantom-authz listening"
+    );
+
+    let serving = Arc::new(AtomicBool::new(true));
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let admin = tokio::spawn(server::serve_admin(
+        admin_listener,
+        metrics,
+        Readiness {
+            serving: serving.clone(),
+            redis: redis_health,
+        },
+        stopped(stop_rx.clone(), true),
+    ));
+
+    let signal_health = health.clone();
+    let signal_serving = serving.clone();
+    let (drain_tx, drain_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        terminated().await;
+        tracing::info!("shutting down: not serving, draining in-flight checks");
+        signal_serving.store(false, Ordering::Relaxed);
+        signal_health
+            .set_not_serving::<AuthorizationServer<CheckService>>()
+            .await;
+        let _ = drain_tx.send(true);
+    });
+
+    let grace = config.shutdown_grace;
+    let drain_deadline = {
+        let drain_rx = drain_rx.clone();
+        async move {
+            stopped(drain_rx, true).await;
+            tokio::time::sleep(grace).await;
+        }
+    };
+    tokio::select! {
+        result = server::serve_grpc(grpc_listener, service, health, health_service, stopped(drain_rx, true)) => {
+            result.context("serving gRPC")?;
+        }
+        () = drain_deadline => {
+            tracing::warn!(grace = ?grace, "in-flight checks still running after the grace period; exiting");
+        }
+    }
+    let _ = stop_tx.send(true);
+    let _ = admin.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves once the watched flag equals `value` (or its sender is gone).
+async fn stopped(mut rx: watch::Receiver<bool>, value: bool) {
+    let _ = rx.wait_for(|v| *v == value).await;
+}
+
+async fn terminated() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot listen for SIGTERM; shutdown will not drain");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn read_secret(path: &std::path::Path) -> anyhow::Result<Secret> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--client-secret-file: cannot read {}", path.display()))?;
+    let secret = text.trim();
+    if secret.is_empty() {
+        anyhow::bail!("--client-secret-file: {} is empty", path.display());
+    }
+    Ok(Secret::new(secret))
+}

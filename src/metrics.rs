@@ -1,0 +1,184 @@
+//! Every metric the service records: names, descriptions and typed record functions.
+//!
+//! Labels take `&'static str` values only, so their number stays bounded.
+
+use std::time::Duration;
+
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::decision::Outcome;
+
+pub const CHECK_DURATION: &str = "phantom_authz_check_duration_seconds";
+pub const DECISIONS: &str = "phantom_authz_decisions_total";
+pub const CACHE_LOOKUPS: &str = "phantom_authz_cache_lookups_total";
+pub const INTROSPECTIONS: &str = "phantom_authz_introspections_total";
+pub const INTROSPECTION_DURATION: &str = "phantom_authz_introspection_duration_seconds";
+pub const INTROSPECTIONS_IN_FLIGHT: &str = "phantom_authz_introspections_in_flight";
+pub const REDIS_ERRORS: &str = "phantom_authz_redis_errors_total";
+pub const REDIS_DURATION: &str = "phantom_authz_redis_duration_seconds";
+pub const REDIS_UP: &str = "phantom_authz_redis_up";
+pub const LOCAL_CACHE_ENTRIES: &str = "phantom_authz_local_cache_entries";
+pub const LOCAL_CACHE_BYTES: &str = "phantom_authz_local_cache_bytes";
+pub const BUILD_INFO: &str = "phantom_authz_build_info";
+
+/// Histogram buckets in seconds, from a local cache hit (tens of µs) to the 20 s IdP timeout.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5,
+    1.0, 2.5, 5.0, 10.0, 20.0,
+];
+
+/// Installs the Prometheus recorder as the global one; the handle renders `/metrics`.
+pub fn install() -> Result<PrometheusHandle, BuildError> {
+    let recorder = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), LATENCY_BUCKETS)?
+        .build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder).map_err(|e| BuildError::FailedToSetGlobalRecorder(e))?;
+    describe();
+    Ok(handle)
+}
+
+fn describe() {
+    describe_histogram!(
+        CHECK_DURATION,
+        Unit::Seconds,
+        "Time to answer one ext_authz Check."
+    );
+    describe_counter!(
+        DECISIONS,
+        "Checks answered, by decision (allow|deny), HTTP status and reason."
+    );
+    describe_counter!(
+        CACHE_LOOKUPS,
+        "Cache lookups by tier (local|redis) and result (hit|miss|error|invalid)."
+    );
+    describe_counter!(
+        INTROSPECTIONS,
+        "Calls to the introspection endpoint, by result."
+    );
+    describe_histogram!(
+        INTROSPECTION_DURATION,
+        Unit::Seconds,
+        "Time of one introspection call, connection included."
+    );
+    describe_gauge!(INTROSPECTIONS_IN_FLIGHT, "Introspection calls under way.");
+    describe_counter!(
+        REDIS_ERRORS,
+        "Failed Redis commands, by operation (get|set)."
+    );
+    describe_histogram!(
+        REDIS_DURATION,
+        Unit::Seconds,
+        "Time of one Redis command, by operation."
+    );
+    describe_gauge!(
+        REDIS_UP,
+        "1 while the last Redis command succeeded, 0 while Redis fails."
+    );
+    describe_gauge!(LOCAL_CACHE_ENTRIES, "Entries in the in-process cache.");
+    describe_gauge!(
+        LOCAL_CACHE_BYTES,
+        Unit::Bytes,
+        "JWT bytes held by the in-process cache."
+    );
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the version label names the running build."
+    );
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+}
+
+/// One Check answered.
+pub fn check_finished(outcome: &Outcome, elapsed: Duration) {
+    histogram!(CHECK_DURATION).record(elapsed.as_secs_f64());
+    counter!(
+        DECISIONS,
+        "decision" => outcome.decision(),
+        "status" => status_label(outcome.http_status()),
+        "reason" => outcome.reason(),
+    )
+    .increment(1);
+}
+
+fn status_label(status: u16) -> &'static str {
+    match status {
+        200 => "200",
+        400 => "400",
+        401 => "401",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        _ => "other",
+    }
+}
+
+/// Which cache tier a lookup went to.
+#[derive(Clone, Copy, Debug)]
+pub enum Tier {
+    Local,
+    Redis,
+}
+
+/// What a cache lookup found.
+#[derive(Clone, Copy, Debug)]
+pub enum Lookup {
+    Hit,
+    Miss,
+    /// The tier could not answer (Redis down, timed out).
+    Error,
+    /// An entry was there but failed to decrypt or parse: treated as a miss.
+    Invalid,
+}
+
+pub fn cache_lookup(tier: Tier, result: Lookup) {
+    let tier = match tier {
+        Tier::Local => "local",
+        Tier::Redis => "redis",
+    };
+    let result = match result {
+        Lookup::Hit => "hit",
+        Lookup::Miss => "miss",
+        Lookup::Error => "error",
+        Lookup::Invalid => "invalid",
+    };
+    counter!(CACHE_LOOKUPS, "tier" => tier, "result" => result).increment(1);
+}
+
+/// One introspection call finished; `result` is a bounded label from the introspection module.
+pub fn introspection(result: &'static str, elapsed: Duration) {
+    counter!(INTROSPECTIONS, "result" => result).increment(1);
+    histogram!(INTROSPECTION_DURATION).record(elapsed.as_secs_f64());
+}
+
+/// Tracks introspections under way for as long as the guard lives.
+pub struct InFlight(());
+
+impl InFlight {
+    pub fn start() -> Self {
+        gauge!(INTROSPECTIONS_IN_FLIGHT).increment(1.0);
+        InFlight(())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        gauge!(INTROSPECTIONS_IN_FLIGHT).decrement(1.0);
+    }
+}
+
+/// One Redis command finished, successfully or not.
+pub fn redis_command(op: &'static str, elapsed: Duration, ok: bool) {
+    histogram!(REDIS_DURATION, "op" => op).record(elapsed.as_secs_f64());
+    if !ok {
+        counter!(REDIS_ERRORS, "op" => op).increment(1);
+    }
+    gauge!(REDIS_UP).set(if ok { 1.0 } else { 0.0 });
+}
+
+pub fn local_cache_size(entries: usize, bytes: u64) {
+    gauge!(LOCAL_CACHE_ENTRIES).set(entries as f64);
+    gauge!(LOCAL_CACHE_BYTES).set(bytes as f64);
+}

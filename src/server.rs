@@ -1,0 +1,190 @@
+//! The tonic adapter for ext_authz `Check` (proto in, domain call, proto out), gRPC health, and
+//! the admin HTTP endpoints. Listeners and the shutdown signal are injected by the caller.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use axum::Router;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::{
+    Authorization, AuthorizationServer,
+};
+use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Request, Response, Status};
+
+use crate::authorizer::Authorizer;
+use crate::decision::{Outcome, Responder};
+use crate::metrics;
+use crate::token;
+
+/// The ext_authz service: extracts the token, asks the authorizer, answers Envoy.
+pub struct CheckService {
+    authorizer: Arc<Authorizer>,
+    responder: Responder,
+    max_token_length: usize,
+}
+
+impl CheckService {
+    pub fn new(authorizer: Arc<Authorizer>, responder: Responder, max_token_length: usize) -> Self {
+        Self {
+            authorizer,
+            responder,
+            max_token_length,
+        }
+    }
+
+    /// One Check, from request to response; public so benchmarks can drive it without gRPC.
+    pub async fn decide(&self, request: &CheckRequest) -> Outcome {
+        match token::bearer_token(request, self.max_token_length) {
+            Ok(token) => self.authorizer.authorize(token).await,
+            Err(problem) => Outcome::from(problem),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Authorization for CheckService {
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        let started = Instant::now();
+        let request = request.into_inner();
+        let outcome = self.decide(&request).await;
+        metrics::check_finished(&outcome, started.elapsed());
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            tracing::debug!(
+                request_id = request_id(&request),
+                decision = outcome.decision(),
+                status = outcome.http_status(),
+                reason = outcome.reason(),
+                "check"
+            );
+        }
+        Ok(Response::new(self.responder.respond(&outcome)))
+    }
+}
+
+/// Envoy's `x-request-id`, for correlating logs; bounded in length and printable only.
+fn request_id(request: &CheckRequest) -> &str {
+    request
+        .attributes
+        .as_ref()
+        .and_then(|a| a.request.as_ref())
+        .and_then(|r| r.http.as_ref())
+        .and_then(|http| {
+            http.headers
+                .get("x-request-id")
+                .map(String::as_str)
+                .or_else(|| {
+                    http.header_map.as_ref().and_then(|map| {
+                        map.headers
+                            .iter()
+                            .find(|h| h.key.eq_ignore_ascii_case("x-request-id"))
+                            .and_then(|h| {
+                                if h.raw_value.is_empty() {
+                                    Some(h.value.as_str())
+                                } else {
+                                    std::str::from_utf8(&h.raw_value).ok()
+                                }
+                            })
+                    })
+                })
+        })
+        .filter(|id| id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()))
+        .unwrap_or("-")
+}
+
+/// Serves ext_authz and `grpc.health.v1` on `listener` until `shutdown` resolves, then stops
+/// accepting and lets in-flight Checks finish.
+pub async fn serve_grpc(
+    listener: TcpListener,
+    service: CheckService,
+    health: tonic_health::server::HealthReporter,
+    health_service: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    health
+        .set_serving::<AuthorizationServer<CheckService>>()
+        .await;
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(AuthorizationServer::new(service))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}
+
+/// What `/readyz` reports.
+#[derive(Clone)]
+pub struct Readiness {
+    /// False once shutdown began.
+    pub serving: Arc<AtomicBool>,
+    /// The Redis tier's health, when there is one. A failing Redis degrades, never unreadies:
+    /// Checks still work through introspection.
+    pub redis: Option<Arc<AtomicBool>>,
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown` resolves.
+pub async fn serve_admin(
+    listener: TcpListener,
+    metrics: PrometheusHandle,
+    readiness: Readiness,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let body = metrics.render();
+                async move {
+                    (
+                        [(
+                            header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
+                        body,
+                    )
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let readiness = readiness.clone();
+                async move { ready(&readiness) }
+            }),
+        );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+fn ready(readiness: &Readiness) -> impl IntoResponse + use<> {
+    let serving = readiness.serving.load(Ordering::Relaxed);
+    let redis = match &readiness.redis {
+        None => "disabled",
+        Some(healthy) if healthy.load(Ordering::Relaxed) => "up",
+        Some(_) => "degraded",
+    };
+    let status = if serving {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = format!(
+        "{{\"status\":\"{}\",\"redis\":\"{redis}\"}}\n",
+        if serving { "ready" } else { "shutting_down" }
+    );
+    (status, [(header::CONTENT_TYPE, "application/json")], body)
+}

@@ -1,0 +1,325 @@
+//! Finding the bearer token in a `CheckRequest`, and the cache key derived from it. Pure.
+
+use std::fmt;
+
+use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
+use sha2::{Digest, Sha256};
+
+/// An opaque access token borrowed from the request. Its `Debug` never shows the value.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Token<'a>(&'a str);
+
+impl<'a> Token<'a> {
+    /// The token itself, for the introspection request and key derivation only.
+    pub fn expose(&self) -> &'a str {
+        self.0
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Token<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Token(len={})", self.0.len())
+    }
+}
+
+/// Why no usable token was found. The token never travels inside.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenProblem {
+    /// No `Authorization` header, another scheme, or an empty token: a bare challenge.
+    Missing,
+    /// A bearer token that cannot be one: too long, or outside RFC 6750's `b64token`.
+    Invalid,
+    /// The request itself is malformed, e.g. several `Authorization` headers.
+    Malformed,
+}
+
+/// Finds the bearer token in Envoy's request attributes, in either header encoding:
+/// `headers` (a map of lowercase names) or, with `encode_raw_headers: true`, `header_map`.
+pub fn bearer_token(request: &CheckRequest, max_len: usize) -> Result<Token<'_>, TokenProblem> {
+    let http = request
+        .attributes
+        .as_ref()
+        .and_then(|a| a.request.as_ref())
+        .and_then(|r| r.http.as_ref())
+        .ok_or(TokenProblem::Missing)?;
+    let value = authorization_header(http)?.ok_or(TokenProblem::Missing)?;
+    parse_bearer(value, max_len)
+}
+
+fn authorization_header(http: &HttpRequest) -> Result<Option<&str>, TokenProblem> {
+    if let Some(map) = http.header_map.as_ref().filter(|m| !m.headers.is_empty()) {
+        let mut found = None;
+        for header in &map.headers {
+            if !header.key.eq_ignore_ascii_case("authorization") {
+                continue;
+            }
+            if found.is_some() {
+                return Err(TokenProblem::Malformed);
+            }
+            let value = if header.raw_value.is_empty() {
+                header.value.as_str()
+            } else {
+                std::str::from_utf8(&header.raw_value).map_err(|_| TokenProblem::Invalid)?
+            };
+            found = Some(value);
+        }
+        return Ok(found);
+    }
+    if let Some(value) = http.headers.get("authorization") {
+        return Ok(Some(value));
+    }
+    // Envoy lowercases names; a hand-written client might not.
+    let mut found = None;
+    for (key, value) in &http.headers {
+        if key.eq_ignore_ascii_case("authorization") {
+            if found.is_some() {
+                return Err(TokenProblem::Malformed);
+            }
+            found = Some(value.as_str());
+        }
+    }
+    Ok(found)
+}
+
+/// Parses `Bearer <token>` (scheme case-insensitive, RFC 6750 §2.1).
+pub fn parse_bearer(value: &str, max_len: usize) -> Result<Token<'_>, TokenProblem> {
+    let value = value.trim_matches([' ', '\t']);
+    let Some((scheme, rest)) = value.split_once([' ', '\t']) else {
+        // "Bearer" alone (empty token) or a bare credential without a scheme.
+        return Err(TokenProblem::Missing);
+    };
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(TokenProblem::Missing);
+    }
+    let token = rest.trim_start_matches([' ', '\t']);
+    if token.is_empty() {
+        return Err(TokenProblem::Missing);
+    }
+    if token.len() > max_len || !is_b64token(token) {
+        return Err(TokenProblem::Invalid);
+    }
+    Ok(Token(token))
+}
+
+/// RFC 6750 §2.1: `1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="`.
+fn is_b64token(token: &str) -> bool {
+    let body = token.trim_end_matches('=');
+    !body.is_empty()
+        && body.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/')
+        })
+}
+
+/// A digest of the token: the only form in which a token is kept or looked up.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct CacheKey([u8; 32]);
+
+impl std::hash::Hash for CacheKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // A SHA-256 digest's first eight bytes are already a uniform hash.
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&self.0[..8]);
+        state.write_u64(u64::from_ne_bytes(word));
+    }
+}
+
+/// Versioned prefix of every Redis key; a new value format gets a new version.
+pub const REDIS_KEY_PREFIX: &str = "phantom-authz:v1:";
+
+impl CacheKey {
+    pub fn of(token: Token<'_>) -> Self {
+        let mut hasher = Sha256::new();
+        hasher.update(b"phantom-authz cache key v1\0");
+        hasher.update(token.expose().as_bytes());
+        Self(hasher.finalize().into())
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// The Redis key: the versioned prefix and the digest in hex.
+    pub fn redis_key(&self) -> String {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut key = String::with_capacity(REDIS_KEY_PREFIX.len() + 64);
+        key.push_str(REDIS_KEY_PREFIX);
+        for byte in self.0 {
+            key.push(HEX[usize::from(byte >> 4)] as char);
+            key.push(HEX[usize::from(byte & 0xf)] as char);
+        }
+        key
+    }
+}
+
+impl fmt::Debug for CacheKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The first bytes of a digest identify an entry in logs without revealing anything.
+        write!(
+            f,
+            "CacheKey({:02x}{:02x}{:02x}{:02x}…)",
+            self.0[0], self.0[1], self.0[2], self.0[3]
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+    use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::Request;
+
+    fn request_with_headers(headers: &[(&str, &str)]) -> CheckRequest {
+        let http = HttpRequest {
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        };
+        wrap(http)
+    }
+
+    fn request_with_raw(headers: &[(&str, &[u8])]) -> CheckRequest {
+        let http = HttpRequest {
+            header_map: Some(HeaderMap {
+                headers: headers
+                    .iter()
+                    .map(|(k, v)| HeaderValue {
+                        key: k.to_string(),
+                        raw_value: v.to_vec(),
+                        ..Default::default()
+                    })
+                    .collect(),
+            }),
+            ..Default::default()
+        };
+        wrap(http)
+    }
+
+    fn wrap(http: HttpRequest) -> CheckRequest {
+        CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(Request {
+                    http: Some(http),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn finds_bearer_in_header_map_of_strings() {
+        let req = request_with_headers(&[("authorization", "Bearer abc.DEF-123"), ("x", "y")]);
+        assert_eq!(bearer_token(&req, 4096).unwrap().expose(), "abc.DEF-123");
+    }
+
+    #[test]
+    fn finds_bearer_in_raw_header_map() {
+        let req = request_with_raw(&[(":path", b"/"), ("authorization", b"bearer tok_1")]);
+        assert_eq!(bearer_token(&req, 4096).unwrap().expose(), "tok_1");
+    }
+
+    #[test]
+    fn scheme_is_case_insensitive() {
+        for value in [
+            "Bearer t",
+            "bearer t",
+            "BEARER t",
+            "bEaReR   t",
+            "Bearer t  ",
+        ] {
+            assert_eq!(parse_bearer(value, 10).unwrap().expose(), "t", "{value:?}");
+        }
+    }
+
+    #[test]
+    fn missing_other_scheme_and_empty_are_bare_challenges() {
+        assert_eq!(
+            bearer_token(&request_with_headers(&[]), 10),
+            Err(TokenProblem::Missing)
+        );
+        assert_eq!(
+            bearer_token(&CheckRequest::default(), 10),
+            Err(TokenProblem::Missing)
+        );
+        for value in [
+            "Basic dXNlcjpwdw==",
+            "Bearer",
+            "Bearer   ",
+            "",
+            "tokenonly",
+            "Bearerx y",
+        ] {
+            assert_eq!(
+                parse_bearer(value, 10),
+                Err(TokenProblem::Missing),
+                "{value:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_tokens_are_invalid() {
+        for value in [
+            "Bearer a b",
+            "Bearer a\u{1}",
+            "Bearer caf\u{e9}",
+            "Bearer ====",
+            "Bearer a,b",
+        ] {
+            assert_eq!(
+                parse_bearer(value, 100),
+                Err(TokenProblem::Invalid),
+                "{value:?}"
+            );
+        }
+        assert_eq!(parse_bearer("Bearer abcdef", 5), Err(TokenProblem::Invalid));
+        assert!(parse_bearer("Bearer abcde", 5).is_ok());
+        assert!(parse_bearer("Bearer a+/b~c_d-e.f==", 100).is_ok());
+    }
+
+    #[test]
+    fn several_authorization_headers_are_malformed() {
+        let req = request_with_raw(&[
+            ("authorization", b"Bearer a"),
+            ("Authorization", b"Bearer b"),
+        ]);
+        assert_eq!(bearer_token(&req, 100), Err(TokenProblem::Malformed));
+    }
+
+    #[test]
+    fn non_utf8_raw_value_is_invalid() {
+        let req = request_with_raw(&[("authorization", b"Bearer \xff\xfe")]);
+        assert_eq!(bearer_token(&req, 100), Err(TokenProblem::Invalid));
+    }
+
+    #[test]
+    fn cache_key_is_a_digest() {
+        let token = parse_bearer("Bearer secret-token", 100).unwrap();
+        let key = CacheKey::of(token);
+        let redis = key.redis_key();
+        assert!(redis.starts_with(REDIS_KEY_PREFIX));
+        assert_eq!(redis.len(), REDIS_KEY_PREFIX.len() + 64);
+        assert!(!redis.contains("secret-token"));
+        assert_eq!(
+            key,
+            CacheKey::of(parse_bearer("Bearer secret-token", 100).unwrap())
+        );
+        assert_ne!(
+            key,
+            CacheKey::of(parse_bearer("Bearer secret-tokem", 100).unwrap())
+        );
+        assert!(!format!("{token:?}{key:?}").contains("secret"));
+    }
+}
