@@ -1,0 +1,144 @@
+//! Micro-benchmarks of the per-Check work on the hot path: token extraction (both header
+//! encodings), cache-key derivation, response building, and a local-cache hit.
+//!
+//! ```text
+//! cargo bench --bench hot_path
+//! ```
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+
+use phantom_authz::cache::local::LocalCache;
+use phantom_authz::decision::{AllowedJwt, Outcome, Responder, bearer};
+use phantom_authz::token::{CacheKey, bearer_token, parse_bearer};
+
+const TOKEN: &str = "_0XBPWQQ_2a4e0a6a-8b6f-4a67-9f09-2f1c2c6f0d3e";
+
+/// The headers Envoy typically sends for one API call.
+fn headers() -> Vec<(&'static str, String)> {
+    vec![
+        (":authority", "api.example.com".to_owned()),
+        (":path", "/v1/orders/12345?expand=items".to_owned()),
+        (":method", "GET".to_owned()),
+        (
+            "user-agent",
+            "Mozilla/5.0 (X11; Linux x86_64) bench/1.0".to_owned(),
+        ),
+        ("accept", "application/json".to_owned()),
+        (
+            "x-request-id",
+            "9f1c2c6f-0d3e-4a67-8b6f-2a4e0a6a9f09".to_owned(),
+        ),
+        ("x-forwarded-for", "203.0.113.7".to_owned()),
+        ("authorization", format!("Bearer {TOKEN}")),
+    ]
+}
+
+fn wrap(http: HttpRequest) -> CheckRequest {
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(Request {
+                http: Some(http),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+/// `headers` map encoding (Envoy's default).
+fn map_request() -> CheckRequest {
+    wrap(HttpRequest {
+        headers: headers()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
+        ..Default::default()
+    })
+}
+
+/// `header_map` encoding (`encode_raw_headers: true`).
+fn raw_request() -> CheckRequest {
+    wrap(HttpRequest {
+        header_map: Some(HeaderMap {
+            headers: headers()
+                .into_iter()
+                .map(|(k, v)| HeaderValue {
+                    key: k.to_owned(),
+                    raw_value: v.into_bytes(),
+                    ..Default::default()
+                })
+                .collect(),
+        }),
+        ..Default::default()
+    })
+}
+
+fn jwt_1k() -> String {
+    let mut jwt = String::from("eyJhbGciOiJSUzI1NiJ9.");
+    jwt.push_str(&"e".repeat(1024 - jwt.len() - 1 - 342));
+    jwt.push('.');
+    jwt.push_str(&"s".repeat(342));
+    jwt
+}
+
+fn key_of(authorization: &str) -> CacheKey {
+    CacheKey::of(parse_bearer(authorization, 4096).expect("valid token"))
+}
+
+fn token_extraction(c: &mut Criterion) {
+    let map = map_request();
+    let raw = raw_request();
+    c.bench_function("bearer_token/headers", |b| {
+        b.iter(|| bearer_token(black_box(&map), 4096).is_ok())
+    });
+    c.bench_function("bearer_token/header_map", |b| {
+        b.iter(|| bearer_token(black_box(&raw), 4096).is_ok())
+    });
+}
+
+fn cache_key(c: &mut Criterion) {
+    let header = format!("Bearer {TOKEN}");
+    let token = parse_bearer(&header, 4096).expect("valid token");
+    c.bench_function("CacheKey::of", |b| {
+        b.iter(|| CacheKey::of(black_box(token)))
+    });
+}
+
+fn respond(c: &mut Criterion) {
+    let responder = Responder::new("api");
+    let allow = Outcome::Allow(AllowedJwt(bearer(&jwt_1k())));
+    c.bench_function("Responder::respond/allow_1k_jwt", |b| {
+        b.iter(|| responder.respond(black_box(&allow)))
+    });
+    c.bench_function("Responder::respond/401", |b| {
+        b.iter(|| responder.respond(black_box(&Outcome::Inactive)))
+    });
+}
+
+fn local_cache_hit(c: &mut Criterion) {
+    let cache = LocalCache::new(200_000, 1 << 30);
+    // A realistically full map: the probe competes with 100k other entries.
+    for i in 0..100_000 {
+        let key = key_of(&format!("Bearer {TOKEN}{i}"));
+        cache.put(key, bearer(&jwt_1k()), Duration::from_secs(3600));
+    }
+    let key = key_of(&format!("Bearer {TOKEN}42"));
+    c.bench_function("LocalCache::get/hit", |b| {
+        b.iter(|| cache.get(black_box(&key)).is_some())
+    });
+}
+
+criterion_group!(
+    benches,
+    token_extraction,
+    cache_key,
+    respond,
+    local_cache_hit
+);
+criterion_main!(benches);
