@@ -1,0 +1,188 @@
+#!/usr/bin/env python3
+"""Parses every YAML and JSON file under deploy/ and grafana/ and checks the Grafana
+dashboard's structure, so that a typo in the operations kit fails CI.
+
+Usage: scripts/check-kits.py [REPO_ROOT]   (default: the parent of this script's directory)
+Exit status: 0 when everything passes, 1 on problems (each printed), 2 on a usage error.
+"""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+try:
+    import yaml
+except ImportError:  # CI images without PyYAML: install it for this user and retry.
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--user", "pyyaml"], check=False
+    )
+    import site
+    import importlib
+
+    importlib.invalidate_caches()
+    sys.path.append(site.getusersitepackages())
+    import yaml
+
+ROOT = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent
+KIT_DIRS = ("deploy", "grafana")
+DATASOURCE_REFS = {"${datasource}", "$datasource"}
+MIN_SCHEMA_VERSION = 39
+
+problems = []
+
+
+def problem(where, what):
+    problems.append(f"{where}: {what}")
+
+
+def load_all():
+    """Parses every kit file; returns {path: [documents]}."""
+    parsed = {}
+    for kit in KIT_DIRS:
+        base = ROOT / kit
+        if not base.is_dir():
+            problem(kit, "directory missing")
+            continue
+        for path in sorted(base.rglob("*")):
+            rel = path.relative_to(ROOT)
+            if path.suffix in (".yaml", ".yml"):
+                try:
+                    docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+                except yaml.YAMLError as e:
+                    problem(rel, f"invalid YAML: {e}")
+                    continue
+                if not docs:
+                    problem(rel, "no YAML document")
+                parsed[rel] = docs
+            elif path.suffix == ".json":
+                try:
+                    parsed[rel] = [json.loads(path.read_text())]
+                except json.JSONDecodeError as e:
+                    problem(rel, f"invalid JSON: {e}")
+    return parsed
+
+
+def check_datasource(where, ds):
+    if isinstance(ds, str):
+        if ds not in DATASOURCE_REFS:
+            problem(where, f"datasource {ds!r} is hard-coded; use ${{datasource}}")
+        return
+    if not isinstance(ds, dict):
+        problem(where, "has no datasource")
+        return
+    if ds.get("type") != "prometheus":
+        problem(where, f"datasource type {ds.get('type')!r}, expected 'prometheus'")
+    if ds.get("uid") not in DATASOURCE_REFS:
+        problem(where, f"datasource uid {ds.get('uid')!r} is hard-coded; use ${{datasource}}")
+
+
+def all_panels(panels):
+    for p in panels:
+        yield p
+        yield from all_panels(p.get("panels", []))  # collapsed rows nest their panels
+
+
+def check_dashboard(rel, dash):
+    if not isinstance(dash, dict) or "panels" not in dash:
+        return False  # not a dashboard (for example a provisioning file)
+    schema = dash.get("schemaVersion")
+    if not isinstance(schema, int) or schema < MIN_SCHEMA_VERSION:
+        problem(rel, f"schemaVersion {schema!r}, expected >= {MIN_SCHEMA_VERSION}")
+    for key in ("title", "uid"):
+        if not dash.get(key):
+            problem(rel, f"missing {key}")
+
+    variables = {v.get("name"): v for v in dash.get("templating", {}).get("list", [])}
+    ds_var = variables.get("datasource")
+    if not ds_var or ds_var.get("type") != "datasource" or ds_var.get("query") != "prometheus":
+        problem(rel, "templating needs a 'datasource' variable of type datasource, query prometheus")
+    inst = variables.get("instance")
+    if not inst or inst.get("type") != "query":
+        problem(rel, "templating needs an 'instance' query variable")
+    else:
+        q = inst.get("query")
+        q = q.get("query") if isinstance(q, dict) else q
+        if "label_values(phantom_authz_build_info" not in (q or "") or "instance" not in (q or ""):
+            problem(rel, f"instance variable query {q!r} is not label_values(phantom_authz_build_info, instance)")
+    for name, var in variables.items():
+        if var.get("type") == "query":
+            check_datasource(f"{rel} variable {name}", var.get("datasource"))
+
+    ids = set()
+    for p in all_panels(dash["panels"]):
+        where = f"{rel} panel {p.get('id')} {p.get('title')!r}"
+        if p.get("type") == "row":
+            continue
+        if not p.get("title"):
+            problem(where, "has no title")
+        if p.get("id") in ids:
+            problem(where, "duplicate panel id")
+        ids.add(p.get("id"))
+        if not isinstance(p.get("gridPos"), dict):
+            problem(where, "has no gridPos")
+        check_datasource(where, p.get("datasource"))
+        targets = p.get("targets") or []
+        if not targets:
+            problem(where, "has no targets")
+        for t in targets:
+            twhere = f"{where} target {t.get('refId')}"
+            expr = t.get("expr", "")
+            if not expr.strip():
+                problem(twhere, "has no expr")
+                continue
+            if "datasource" in t:
+                check_datasource(twhere, t["datasource"])
+            if expr.count("(") != expr.count(")") or expr.count("{") != expr.count("}") \
+                    or expr.count("[") != expr.count("]"):
+                problem(twhere, f"unbalanced brackets in {expr!r}")
+            for window in re.findall(r"\[([^\]]+)\]", expr):
+                if "rate(" in expr and window != "$__rate_interval":
+                    problem(twhere, f"rate window [{window}] should be [$__rate_interval]")
+            if "phantom_authz_" in expr and "$instance" not in expr and "${instance}" not in expr:
+                problem(twhere, f"does not filter on $instance: {expr!r}")
+    return True
+
+
+def main():
+    parsed = load_all()
+    dashboards = 0
+    for rel, docs in parsed.items():
+        if rel.suffix == ".json":
+            dashboards += check_dashboard(rel, docs[0])
+        for doc in docs:
+            # Kubernetes manifests: every object says what it is.
+            if rel.parts[:2] == ("deploy", "kubernetes") or rel.parts[:2] == ("deploy", "istio"):
+                if not isinstance(doc, dict) or not doc.get("apiVersion") or not doc.get("kind"):
+                    problem(rel, "a document has no apiVersion/kind")
+                elif not doc.get("metadata", {}).get("name") and doc.get("kind") != "Kustomization":
+                    problem(rel, f"{doc['kind']} has no metadata.name")
+    if dashboards == 0:
+        problem("grafana", "no dashboard found")
+    rules = ROOT / "grafana" / "alerts.yml"
+    if rules.exists():
+        for doc in parsed.get(rules.relative_to(ROOT), []):
+            for group in doc.get("groups", []):
+                for rule in group.get("rules", []):
+                    name = rule.get("alert") or rule.get("record")
+                    if "alert" in rule:
+                        if "for" not in rule:
+                            problem(rules.name, f"{name}: no 'for'")
+                        if "severity" not in rule.get("labels", {}):
+                            problem(rules.name, f"{name}: no severity label")
+                        ann = rule.get("annotations", {})
+                        if not ann.get("summary") or not ann.get("description"):
+                            problem(rules.name, f"{name}: needs summary and description")
+
+    print(f"check-kits: {len(parsed)} files parsed, {dashboards} dashboard(s) checked")
+    if problems:
+        for p in problems:
+            print(f"FAIL {p}")
+        print(f"check-kits: FAIL ({len(problems)} problems)")
+        sys.exit(1)
+    print("check-kits: PASS")
+
+
+if __name__ == "__main__":
+    main()
