@@ -1,0 +1,305 @@
+//! The cache rules against a real `redis-server`: TTL from `max-age`, expiry, `no-store`, the
+//! JWT's `exp` cap, sharing between two service instances, sealed values, Redis down, and one
+//! introspection for many concurrent Checks.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::*;
+use redis::AsyncCommands;
+
+/// An IdP that answers every token with a fresh JWT expiring `exp_in` seconds from now.
+async fn idp_with(cache_control: Option<&'static str>, exp_in: u64) -> Idp {
+    Idp::start(move |seen| {
+        let jwt = make_jwt(&seen.token, Some(unix_now() + exp_in), 900);
+        let reply = Reply::jwt(&jwt);
+        match cache_control {
+            Some(value) => reply.header("cache-control", value),
+            None => reply,
+        }
+    })
+    .await
+}
+
+async fn allowed(service: &Service, token: &str) -> String {
+    let mut client = service.client().await;
+    let verdict = check(&mut client, bearer_request(token)).await;
+    assert_eq!(verdict.http_status, 200, "{verdict:?}");
+    verdict.header("authorization").unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn in_process_cache_serves_alone_without_redis() {
+    let idp = idp_with(None, 3600).await;
+    let service = Service::start(&idp.url(), "jwt", &[]);
+    let first = allowed(&service, "tok-a").await;
+    let second = allowed(&service, "tok-a").await;
+    assert_eq!(first, second);
+    assert_eq!(idp.calls(), 1);
+    allowed(&service, "tok-b").await;
+    assert_eq!(idp.calls(), 2);
+    assert_eq!(
+        service
+            .metric(
+                "phantom_authz_cache_lookups_total",
+                &[("tier", "local"), ("result", "hit")]
+            )
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn ttl_comes_from_max_age_and_lives_in_redis() {
+    let redis = Redis::start();
+    let idp = idp_with(Some("public, max-age=2"), 3600).await;
+    let service = Service::start(
+        &idp.url(),
+        "jwt",
+        &["--redis-url", &redis.url(), "--local-cache-ttl", "0"],
+    );
+    let jwt = allowed(&service, "opaque-token-1").await;
+    let mut conn = redis.connection().await;
+    // The write happens after the answer; wait for it.
+    let mut keys: Vec<String> = Vec::new();
+    assert!(
+        eventually(Duration::from_secs(2), async || {
+            keys = conn.keys("*").await.unwrap();
+            !keys.is_empty()
+        })
+        .await
+    );
+    assert_eq!(keys.len(), 1);
+    let key = &keys[0];
+    assert!(key.starts_with("phantom-authz:v1:"), "{key}");
+    assert!(!key.contains("opaque-token-1"));
+    let ttl_ms: i64 = conn.pttl(key).await.unwrap();
+    assert!(ttl_ms > 0 && ttl_ms <= 2_000, "PTTL {ttl_ms}");
+    // The value is sealed: neither the JWT nor its claims can be read from Redis.
+    let value: Vec<u8> = conn.get(key).await.unwrap();
+    let jwt = jwt.strip_prefix("Bearer ").unwrap();
+    assert!(
+        !value
+            .windows(20)
+            .any(|w| jwt.as_bytes().windows(20).any(|j| j == w))
+    );
+
+    // Served from Redis while the entry lives, introspected again once it expired.
+    allowed(&service, "opaque-token-1").await;
+    assert_eq!(idp.calls(), 1);
+    tokio::time::sleep(Duration::from_millis(2_300)).await;
+    allowed(&service, "opaque-token-1").await;
+    assert_eq!(idp.calls(), 2);
+}
+
+#[tokio::test]
+async fn no_store_and_max_age_zero_are_not_cached() {
+    for directive in ["no-store", "no-cache", "max-age=0"] {
+        let redis = Redis::start();
+        let idp = idp_with(Some(directive), 3600).await;
+        let service = Service::start(&idp.url(), "jwt", &["--redis-url", &redis.url()]);
+        for _ in 0..3 {
+            allowed(&service, "tok").await;
+        }
+        assert_eq!(idp.calls(), 3, "{directive}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let keys: Vec<String> = redis.connection().await.keys("*").await.unwrap();
+        assert!(keys.is_empty(), "{directive}: {keys:?}");
+    }
+}
+
+#[tokio::test]
+async fn the_jwt_exp_caps_the_ttl() {
+    let redis = Redis::start();
+    // max-age says 300 s, but the JWT expires in 2 s.
+    let idp = idp_with(Some("max-age=300"), 2).await;
+    let service = Service::start(&idp.url(), "jwt", &["--redis-url", &redis.url()]);
+    allowed(&service, "short-lived").await;
+    let mut conn = redis.connection().await;
+    let mut ttl_ms = -2i64;
+    assert!(
+        eventually(Duration::from_secs(2), async || {
+            let keys: Vec<String> = conn.keys("*").await.unwrap();
+            if let Some(key) = keys.first() {
+                ttl_ms = conn.pttl(key).await.unwrap();
+            }
+            ttl_ms > 0
+        })
+        .await
+    );
+    assert!(ttl_ms <= 2_000, "TTL {ttl_ms} ms outlives the JWT");
+    allowed(&service, "short-lived").await;
+    assert_eq!(idp.calls(), 1);
+    tokio::time::sleep(Duration::from_millis(2_200)).await;
+    allowed(&service, "short-lived").await;
+    assert_eq!(
+        idp.calls(),
+        2,
+        "an expired JWT was handed out from the cache"
+    );
+}
+
+#[tokio::test]
+async fn an_already_expired_jwt_is_denied() {
+    let idp = Idp::start(|_| Reply::jwt(&make_jwt("x", Some(unix_now() - 10), 0))).await;
+    let service = Service::start(&idp.url(), "jwt", &[]);
+    let mut client = service.client().await;
+    let verdict = check(&mut client, bearer_request("tok")).await;
+    assert_eq!(verdict.http_status, 401);
+}
+
+#[tokio::test]
+async fn two_instances_share_one_introspection_through_redis() {
+    let redis = Redis::start();
+    let idp = idp_with(None, 3600).await;
+    let a = Service::start(&idp.url(), "jwt", &["--redis-url", &redis.url()]);
+    let b = Service::start(&idp.url(), "jwt", &["--redis-url", &redis.url()]);
+    let from_a = allowed(&a, "shared-token").await;
+    let mut conn = redis.connection().await;
+    assert!(
+        eventually(Duration::from_secs(2), async || {
+            let keys: Vec<String> = conn.keys("*").await.unwrap();
+            !keys.is_empty()
+        })
+        .await
+    );
+    let from_b = allowed(&b, "shared-token").await;
+    assert_eq!(from_a, from_b);
+    assert_eq!(
+        idp.calls(),
+        1,
+        "two instances on one Redis introspect a token once"
+    );
+    assert_eq!(
+        b.metric(
+            "phantom_authz_cache_lookups_total",
+            &[("tier", "redis"), ("result", "hit")]
+        )
+        .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn a_planted_redis_value_is_a_miss_not_an_allow() {
+    let redis = Redis::start();
+    let idp = idp_with(None, 3600).await;
+    let service = Service::start(
+        &idp.url(),
+        "jwt",
+        &["--redis-url", &redis.url(), "--local-cache-ttl", "0"],
+    );
+    allowed(&service, "victim").await;
+    let mut conn = redis.connection().await;
+    let mut keys: Vec<String> = Vec::new();
+    assert!(
+        eventually(Duration::from_secs(2), async || {
+            keys = conn.keys("*").await.unwrap();
+            !keys.is_empty()
+        })
+        .await
+    );
+    // Someone with write access to Redis replaces the value with their own JWT.
+    let _: () = conn
+        .set(
+            &keys[0],
+            b"\0\0\0\0\0\0\0\0\0\0\0\0Bearer attacker.jwt.here".as_slice(),
+        )
+        .await
+        .unwrap();
+    let jwt = allowed(&service, "victim").await;
+    assert!(!jwt.contains("attacker"));
+    assert_eq!(idp.calls(), 2);
+    assert_eq!(
+        service
+            .metric(
+                "phantom_authz_cache_lookups_total",
+                &[("tier", "redis"), ("result", "invalid")]
+            )
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn redis_down_falls_back_to_introspection() {
+    let idp = idp_with(None, 3600).await;
+    // Nothing listens on this port: every Redis command fails.
+    let url = format!("redis://127.0.0.1:{}", free_port());
+    let service = Service::start(
+        &idp.url(),
+        "jwt",
+        &["--redis-url", &url, "--local-cache-ttl", "0"],
+    );
+    for _ in 0..3 {
+        allowed(&service, "tok").await;
+    }
+    assert_eq!(idp.calls(), 3);
+    assert!(
+        service
+            .metric("phantom_authz_redis_errors_total", &[])
+            .await
+            >= 3.0
+    );
+    let (status, body) = service.admin_get("/readyz").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("\"redis\":\"degraded\""), "{body}");
+}
+
+#[tokio::test]
+async fn redis_killed_mid_flight_then_back() {
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let idp = idp_with(None, 3600).await;
+    let service = Service::start(
+        &idp.url(),
+        "jwt",
+        &["--redis-url", &redis.url(), "--local-cache-ttl", "0"],
+    );
+    allowed(&service, "t1").await;
+    redis.kill();
+    allowed(&service, "t2").await;
+    allowed(&service, "t2").await;
+    assert_eq!(idp.calls(), 3);
+    // Redis returns on the same address; the service reconnects without a restart.
+    let redis = Redis::start_on(port);
+    let mut conn = redis.connection().await;
+    assert!(
+        eventually(Duration::from_secs(10), async || {
+            allowed(&service, "t3").await;
+            let keys: Vec<String> = conn.keys("*").await.unwrap();
+            !keys.is_empty()
+        })
+        .await,
+        "writes did not resume"
+    );
+}
+
+#[tokio::test]
+async fn a_thousand_concurrent_checks_of_one_new_token_call_the_idp_once() {
+    let redis = Redis::start();
+    let calls = Arc::new(AtomicU64::new(0));
+    let counter = calls.clone();
+    let idp = Idp::start(move |seen| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Reply::jwt(&make_jwt(&seen.token, Some(unix_now() + 3600), 900))
+            .delay(Duration::from_millis(200))
+    })
+    .await;
+    let service = Service::start(&idp.url(), "jwt", &["--redis-url", &redis.url()]);
+    let client = service.client().await;
+    let tasks: Vec<_> = (0..1_000)
+        .map(|_| {
+            let mut client = client.clone();
+            tokio::spawn(async move { check(&mut client, bearer_request("brand-new")).await })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap().http_status, 200);
+    }
+    assert_eq!(idp.calls(), 1);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}

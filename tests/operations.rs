@@ -1,0 +1,319 @@
+//! Running it: health endpoints, metrics, graceful shutdown, secret-free logs and configuration
+//! errors, all against the real binary.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+const AUTHZ_SERVICE: &str = "envoy.service.auth.v3.Authorization";
+
+async fn health_status(service: &Service, name: &str) -> Option<ServingStatus> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", service.grpc))
+        .ok()?
+        .connect()
+        .await
+        .ok()?;
+    let mut client = HealthClient::new(channel);
+    let response = client
+        .check(HealthCheckRequest {
+            service: name.into(),
+        })
+        .await
+        .ok()?;
+    Some(response.into_inner().status())
+}
+
+#[tokio::test]
+async fn health_endpoints_and_metrics() {
+    let idp = Idp::start(|s| Reply::jwt(&make_jwt(&s.token, Some(unix_now() + 60), 0))).await;
+    let service = Service::start(&idp.url(), "jwt", &[]);
+    assert_eq!(
+        health_status(&service, "").await,
+        Some(ServingStatus::Serving)
+    );
+    assert_eq!(
+        health_status(&service, AUTHZ_SERVICE).await,
+        Some(ServingStatus::Serving)
+    );
+    assert_eq!(service.admin_get("/healthz").await.0, 200);
+    let (status, body) = service.admin_get("/readyz").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("\"redis\":\"disabled\""), "{body}");
+
+    let mut client = service.client().await;
+    check(&mut client, bearer_request("tok")).await;
+    check(&mut client, bearer_request("tok")).await;
+    check(&mut client, check_request(&[])).await;
+
+    let (_, metrics) = service.admin_get("/metrics").await;
+    for name in [
+        "phantom_authz_check_duration_seconds_bucket",
+        "phantom_authz_decisions_total",
+        "phantom_authz_cache_lookups_total",
+        "phantom_authz_introspections_total",
+        "phantom_authz_introspection_duration_seconds_bucket",
+        "phantom_authz_build_info",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
+    let allowed = [("decision", "allow"), ("status", "200")];
+    assert_eq!(
+        service
+            .metric("phantom_authz_decisions_total", &allowed)
+            .await,
+        2.0
+    );
+    let no_token = [("status", "401"), ("reason", "no_token")];
+    assert_eq!(
+        service
+            .metric("phantom_authz_decisions_total", &no_token)
+            .await,
+        1.0
+    );
+    let active = [("result", "active")];
+    assert_eq!(
+        service
+            .metric("phantom_authz_introspections_total", &active)
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_checks_and_exits_zero() {
+    let idp = Idp::start(|s| {
+        Reply::jwt(&make_jwt(&s.token, Some(unix_now() + 60), 0)).delay(Duration::from_millis(800))
+    })
+    .await;
+    let mut service = Service::start(&idp.url(), "jwt", &[]);
+    let client = service.client().await;
+    let in_flight: Vec<_> = (0..20)
+        .map(|n| {
+            let mut client = client.clone();
+            tokio::spawn(async move { check(&mut client, bearer_request(&format!("t{n}"))).await })
+        })
+        .collect();
+    // Let the Checks reach the slow IdP, then ask the service to stop.
+    assert!(eventually(Duration::from_secs(5), async || idp.calls() == 20).await);
+    service.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (status, body) = service.admin_get("/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    for check in in_flight {
+        assert_eq!(
+            check.await.unwrap().http_status,
+            200,
+            "an in-flight Check was cut"
+        );
+    }
+    let exit = service
+        .wait_exit(Duration::from_secs(10))
+        .expect("did not exit");
+    assert!(exit.success(), "{exit:?}");
+    assert!(service.log().contains("shutting down"));
+}
+
+#[tokio::test]
+async fn logs_never_contain_tokens_jwts_or_the_secret() {
+    let redis = Redis::start();
+    let jwt = make_jwt("alice", Some(unix_now() + 600), 0);
+    let served = jwt.clone();
+    let idp = Idp::start(move |s| match s.token.as_str() {
+        t if t.starts_with("bad") => Reply::status(503),
+        t if t.starts_with("garbage") => Reply::jwt("not-a-jwt-Zm9vYmFy"),
+        _ => Reply::jwt(&served),
+    })
+    .await;
+    let service = Service::start(
+        &idp.url(),
+        "jwt",
+        &["--redis-url", &redis.url(), "--local-cache-ttl", "0"],
+    );
+    let mut client = service.client().await;
+    let tokens = ["good-TOKEN-7f3a9", "bad-TOKEN-1c2d3", "garbage-TOKEN-5e6f7"];
+    for token in tokens {
+        check(&mut client, bearer_request(token)).await;
+        check(&mut client, bearer_request(token)).await;
+    }
+    check(
+        &mut client,
+        check_request(&[("authorization", "Bearer has spaces-TOKEN-x")]),
+    )
+    .await;
+    // A Redis outage, and an IdP that disappears, exercise the error paths' logging too.
+    drop(redis);
+    check(&mut client, bearer_request("good-TOKEN-after")).await;
+    drop(idp);
+    check(&mut client, bearer_request("gone-TOKEN-9a8b")).await;
+    let log = service.log();
+    assert!(
+        log.contains("introspection failed"),
+        "error paths were not logged:\n{log}"
+    );
+    for secret in [
+        "TOKEN",
+        CLIENT_SECRET,
+        "Sup3r",
+        jwt.as_str(),
+        jwt.split('.').nth(1).unwrap(),
+        "not-a-jwt",
+    ] {
+        assert!(!log.contains(secret), "log leaks {secret:?}:\n{log}");
+    }
+}
+
+fn run_binary(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_phantom-authz"));
+    command.args(args).env_clear();
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let output = command.output().unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_configuration_exits_non_zero_naming_the_flag() {
+    let base = [
+        "--introspection-url",
+        "https://idp.example/introspect",
+        "--client-id",
+        "gw",
+    ];
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--client-id", "gw", "--client-secret", "hunter2-secret"],
+            "--introspection-url",
+        ),
+        (
+            &[
+                &base[..],
+                &[
+                    "--client-secret",
+                    "hunter2-secret",
+                    "--default-cache-ttl",
+                    "soon",
+                ],
+            ]
+            .concat(),
+            "--default-cache-ttl",
+        ),
+        (
+            &[
+                &base[..],
+                &[
+                    "--client-secret",
+                    "hunter2-secret",
+                    "--introspection-mode",
+                    "xml",
+                ],
+            ]
+            .concat(),
+            "--introspection-mode",
+        ),
+        (
+            &[
+                &base[..],
+                &[
+                    "--client-secret",
+                    "hunter2-secret",
+                    "--redis-url",
+                    "memcached://x",
+                ],
+            ]
+            .concat(),
+            "--redis-url",
+        ),
+        (
+            &[
+                &base[..],
+                &[
+                    "--client-secret",
+                    "hunter2-secret",
+                    "--grpc-listen",
+                    "nowhere",
+                ],
+            ]
+            .concat(),
+            "--grpc-listen",
+        ),
+        (&base[..], "--client-secret"),
+        (
+            &[&base[..], &["--client-secret-file", "/nonexistent/secret"]].concat(),
+            "--client-secret-file",
+        ),
+    ];
+    for (args, flag) in cases {
+        let (code, stderr) = run_binary(args, &[]);
+        assert_ne!(code, 0, "{args:?}");
+        assert!(stderr.contains(flag), "{args:?}: {stderr}");
+        assert!(
+            !stderr.contains("hunter2"),
+            "{args:?} echoed the secret: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+    // Environment variables work as flags do.
+    let (code, stderr) = run_binary(
+        &[],
+        &[
+            (
+                "PHANTOM_AUTHZ_INTROSPECTION_URL",
+                "https://idp.example/introspect",
+            ),
+            ("PHANTOM_AUTHZ_CLIENT_ID", "gw"),
+            ("PHANTOM_AUTHZ_CLIENT_SECRET", "hunter2-secret"),
+            ("PHANTOM_AUTHZ_INTROSPECTION_TIMEOUT", "never"),
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(stderr.contains("--introspection-timeout"), "{stderr}");
+    assert!(!stderr.contains("hunter2"));
+}
+
+#[tokio::test]
+async fn client_secret_file_is_read_and_trimmed() {
+    let idp = Idp::start(|s| Reply::jwt(&make_jwt(&s.token, Some(unix_now() + 60), 0))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("secret");
+    std::fs::write(&path, format!("{CLIENT_SECRET}\n")).unwrap();
+    let url = idp.url();
+    let service = Service::spawn(
+        &[
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--introspection-url",
+            &url,
+            "--client-id",
+            CLIENT_ID,
+            "--client-secret-file",
+            path.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let mut client = service.client().await;
+    assert_eq!(
+        check(&mut client, bearer_request("tok")).await.http_status,
+        200
+    );
+    let seen = idp.seen();
+    let expected = format!(
+        "Basic {}",
+        base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            "gateway-client:Sup3r-Secret%2BValue%2F%3D"
+        )
+    );
+    assert_eq!(seen[0].authorization.as_deref(), Some(expected.as_str()));
+}
