@@ -168,9 +168,11 @@ pub fn cache_ttl(active: &ActiveToken, default: Duration, now_ms: u64) -> Option
 /// Maps an introspection failure to what Envoy is told.
 pub fn idp_failure(error: &IdpError) -> Outcome {
     match error {
-        IdpError::Unreachable | IdpError::Timeout | IdpError::Status(503) => {
-            Outcome::IdpUnavailable
-        }
+        IdpError::Unreachable
+        | IdpError::Timeout
+        | IdpError::Status(503)
+        | IdpError::CircuitOpen
+        | IdpError::Overloaded => Outcome::IdpUnavailable,
         IdpError::Status(401 | 403 | 404 | 500..=502 | 504..=599) => Outcome::IdpRejected,
         IdpError::Status(_) => Outcome::IdpUnexpected,
         IdpError::BadResponse(_) => Outcome::IdpBadResponse,

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+pub use crate::introspection::guard::GuardConfig;
+
 /// Command-line flags. Every flag is also read from `PHANTOM_AUTHZ_<FLAG>`.
 #[derive(Parser)]
 #[command(
@@ -61,6 +63,27 @@ pub struct Args {
     /// Bound on one introspection call, connection included.
     #[arg(long, env = "PHANTOM_AUTHZ_INTROSPECTION_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
     pub introspection_timeout: Duration,
+
+    /// Most introspection calls under way at once; excess Checks get 503 at once.
+    #[arg(
+        long,
+        env = "PHANTOM_AUTHZ_MAX_CONCURRENT_INTROSPECTIONS",
+        default_value_t = 256
+    )]
+    pub max_concurrent_introspections: usize,
+
+    /// Consecutive IdP failures (unreachable, timeout, 5xx, garbage) that open the circuit
+    /// breaker, after which Checks needing introspection fail fast with 503. 0 disables it.
+    #[arg(
+        long,
+        env = "PHANTOM_AUTHZ_CIRCUIT_FAILURE_THRESHOLD",
+        default_value_t = 5
+    )]
+    pub circuit_failure_threshold: u32,
+
+    /// How long an open circuit fails fast before one probe call is let through.
+    #[arg(long, env = "PHANTOM_AUTHZ_CIRCUIT_OPEN_DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub circuit_open_duration: Duration,
 
     /// Shared cache (redis:// or rediss://). Without it the in-process cache serves alone.
     #[arg(long, env = "PHANTOM_AUTHZ_REDIS_URL", hide_env_values = true)]
@@ -180,6 +203,7 @@ pub struct IntrospectionConfig {
     pub client_secret: SecretSource,
     pub mode: IntrospectionMode,
     pub timeout: Duration,
+    pub guard: GuardConfig,
 }
 
 /// Cache TTLs and bounds.
@@ -249,6 +273,15 @@ impl Config {
                 ));
             }
         };
+        if args.max_concurrent_introspections == 0 {
+            return Err(invalid(
+                "--max-concurrent-introspections",
+                "must be at least 1",
+            ));
+        }
+        if args.circuit_failure_threshold > 0 && args.circuit_open_duration.is_zero() {
+            return Err(invalid("--circuit-open-duration", "must be above zero"));
+        }
         if args.introspection_timeout.is_zero() {
             return Err(invalid("--introspection-timeout", "must be above zero"));
         }
@@ -292,6 +325,11 @@ impl Config {
                 client_secret,
                 mode: args.introspection_mode,
                 timeout: args.introspection_timeout,
+                guard: GuardConfig {
+                    max_concurrent: args.max_concurrent_introspections,
+                    failure_threshold: args.circuit_failure_threshold,
+                    open_for: args.circuit_open_duration,
+                },
             },
             cache: CacheConfig {
                 default_ttl: args.default_cache_ttl,

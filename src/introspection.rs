@@ -1,5 +1,7 @@
 //! The HTTP client for the identity server's introspection endpoint, and the parsing of what it
-//! answers (RFC 7662 JSON or Curity's `application/jwt`).
+//! answers (RFC 7662 JSON or Curity's `application/jwt`). [`guard`] caps and breaks its calls.
+
+pub mod guard;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -80,6 +82,12 @@ pub enum IdpError {
     Status(u16),
     #[error("introspection response unusable: {0}")]
     BadResponse(&'static str),
+    /// The circuit breaker is open after repeated IdP failures: failing fast.
+    #[error("identity server circuit open")]
+    CircuitOpen,
+    /// Too many introspections under way: failing fast rather than queueing.
+    #[error("too many introspections under way")]
+    Overloaded,
 }
 
 impl IdpError {
@@ -93,6 +101,18 @@ impl IdpError {
             IdpError::Status(500..=599) => "status_5xx",
             IdpError::Status(_) => "status_other",
             IdpError::BadResponse(_) => "bad_response",
+            IdpError::CircuitOpen => "circuit_open",
+            IdpError::Overloaded => "overloaded",
+        }
+    }
+
+    /// Whether this says the IdP itself is failing (what the circuit breaker counts). Our own
+    /// credentials being refused (401/403) or a 4xx is not the IdP being down.
+    pub fn is_idp_failure(&self) -> bool {
+        match self {
+            IdpError::Unreachable | IdpError::Timeout | IdpError::BadResponse(_) => true,
+            IdpError::Status(status) => *status >= 500,
+            IdpError::CircuitOpen | IdpError::Overloaded => false,
         }
     }
 }

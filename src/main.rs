@@ -18,6 +18,7 @@ use phantom_authz::cache::redis::RedisCache;
 use phantom_authz::config::{Args, Config, LogFormat, Secret, SecretSource};
 use phantom_authz::decision::Responder;
 use phantom_authz::introspection::HttpIntrospector;
+use phantom_authz::introspection::guard::Guarded;
 use phantom_authz::server::{self, CheckService, Readiness};
 
 fn main() -> ExitCode {
@@ -77,6 +78,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         config.introspection.timeout,
     )
     .map_err(anyhow::Error::msg)?;
+    let idp = Guarded::new(idp, config.introspection.guard);
 
     let redis = match &config.redis {
         Some(redis) => {

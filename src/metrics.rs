@@ -23,6 +23,8 @@ pub const REDIS_UP: &str = "phantom_authz_redis_up";
 pub const LOCAL_CACHE_ENTRIES: &str = "phantom_authz_local_cache_entries";
 pub const LOCAL_CACHE_BYTES: &str = "phantom_authz_local_cache_bytes";
 pub const BUILD_INFO: &str = "phantom_authz_build_info";
+pub const CIRCUIT_STATE: &str = "phantom_authz_circuit_state";
+pub const INTROSPECTIONS_REJECTED: &str = "phantom_authz_introspection_rejected_total";
 
 /// Histogram buckets in seconds, from a local cache hit (tens of µs) to the 20 s IdP timeout.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -176,6 +178,28 @@ pub fn redis_command(op: &'static str, elapsed: Duration, ok: bool) {
         counter!(REDIS_ERRORS, "op" => op).increment(1);
     }
     gauge!(REDIS_UP).set(if ok { 1.0 } else { 0.0 });
+}
+
+/// The IdP circuit breaker's state.
+#[derive(Clone, Copy, Debug)]
+pub enum Circuit {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+pub fn circuit_state(state: Circuit) {
+    let value = match state {
+        Circuit::Closed => 0.0,
+        Circuit::Open => 1.0,
+        Circuit::HalfOpen => 2.0,
+    };
+    gauge!(CIRCUIT_STATE).set(value);
+}
+
+/// An introspection refused by the guard; `reason` is a bounded label.
+pub fn introspection_rejected(reason: &'static str) {
+    counter!(INTROSPECTIONS_REJECTED, "reason" => reason).increment(1);
 }
 
 pub fn local_cache_size(entries: usize, bytes: u64) {
