@@ -74,10 +74,8 @@ fn authorization_header(http: &HttpRequest) -> Result<Option<&str>, TokenProblem
         }
         return Ok(found);
     }
-    if let Some(value) = http.headers.get("authorization") {
-        return Ok(Some(value));
-    }
-    // Envoy lowercases names; a hand-written client might not.
+    // Envoy lowercases names; a hand-written client might not, and may send one name in two
+    // cases: that is as ambiguous as two headers, so every key is compared.
     let mut found = None;
     for (key, value) in &http.headers {
         if key.eq_ignore_ascii_case("authorization") {
@@ -295,6 +293,9 @@ mod tests {
             ("authorization", b"Bearer a"),
             ("Authorization", b"Bearer b"),
         ]);
+        assert_eq!(bearer_token(&req, 100), Err(TokenProblem::Malformed));
+        let req =
+            request_with_headers(&[("authorization", "Bearer a"), ("Authorization", "Bearer b")]);
         assert_eq!(bearer_token(&req, 100), Err(TokenProblem::Malformed));
     }
 
