@@ -145,13 +145,83 @@ def check_dashboard(rel, dash):
     return True
 
 
+def walk(node):
+    """Every dict inside a parsed document."""
+    if isinstance(node, dict):
+        yield node
+        for v in node.values():
+            yield from walk(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from walk(v)
+
+
+def check_envoy(rel, doc):
+    """The ext_authz settings phantom-authz relies on, and cluster references that resolve."""
+    clusters = {c.get("name"): c for c in doc.get("static_resources", {}).get("clusters", [])}
+    filters = [d for d in walk(doc) if d.get("name") == "envoy.filters.http.ext_authz"
+               and "typed_config" in d]
+    if not filters:
+        problem(rel, "no envoy.filters.http.ext_authz filter")
+    want = {"transport_api_version": "V3", "failure_mode_allow": False,
+            "encode_raw_headers": True, "include_peer_certificate": False}
+    for f in filters:
+        cfg = f["typed_config"]
+        for key, value in want.items():
+            if cfg.get(key) != value:
+                problem(rel, f"ext_authz {key} is {cfg.get(key)!r}, expected {value!r}")
+        if cfg.get("status_on_error", {}).get("code") != 503:
+            problem(rel, "ext_authz status_on_error.code should be 503")
+        grpc = cfg.get("grpc_service", {})
+        if grpc.get("timeout") != "0.2s":
+            problem(rel, f"ext_authz grpc_service.timeout is {grpc.get('timeout')!r}, expected '0.2s'")
+        name = grpc.get("envoy_grpc", {}).get("cluster_name")
+        cluster = clusters.get(name)
+        if cluster is None:
+            problem(rel, f"ext_authz cluster {name!r} is not defined")
+        elif "http2_protocol_options" not in json.dumps(cluster):
+            problem(rel, f"cluster {name!r} needs http2 protocol options (gRPC)")
+    for d in walk(doc):
+        route = d.get("route")
+        if isinstance(route, dict) and "cluster" in route and route["cluster"] not in clusters:
+            problem(rel, f"route to undefined cluster {route['cluster']!r}")
+
+
+def check_deployment(rel, doc):
+    spec = doc.get("spec", {}).get("template", {}).get("spec", {})
+    containers = spec.get("containers") or []
+    if not containers:
+        problem(rel, "Deployment has no containers")
+    for c in containers:
+        ports = {p.get("name"): p.get("containerPort") for p in c.get("ports", [])}
+        if ports.get("grpc") != 9001 or ports.get("admin") != 9090:
+            problem(rel, f"container ports {ports}, expected grpc 9001 and admin 9090")
+        for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+            got = c.get(probe, {}).get("httpGet", {})
+            if got.get("path") != path or got.get("port") not in ("admin", 9090):
+                problem(rel, f"{probe} should GET {path} on the admin port, not {got}")
+        env = {e.get("name") for e in c.get("env", [])}
+        for name in env:
+            if not re.fullmatch(r"PHANTOM_AUTHZ_[A-Z0-9_]+", name):
+                problem(rel, f"env {name!r} is not a PHANTOM_AUTHZ_ variable")
+        sc = c.get("securityContext", {})
+        if sc.get("readOnlyRootFilesystem") is not True or sc.get("allowPrivilegeEscalation") is not False:
+            problem(rel, "container needs readOnlyRootFilesystem and no privilege escalation")
+
+
 def main():
     parsed = load_all()
     dashboards = 0
     for rel, docs in parsed.items():
         if rel.suffix == ".json":
             dashboards += check_dashboard(rel, docs[0])
+        if rel.parts[:2] == ("deploy", "envoy"):
+            for doc in docs:
+                if isinstance(doc, dict):
+                    check_envoy(rel, doc)
         for doc in docs:
+            if isinstance(doc, dict) and doc.get("kind") == "Deployment":
+                check_deployment(rel, doc)
             # Kubernetes manifests: every object says what it is.
             if rel.parts[:2] == ("deploy", "kubernetes") or rel.parts[:2] == ("deploy", "istio"):
                 if not isinstance(doc, dict) or not doc.get("apiVersion") or not doc.get("kind"):
