@@ -526,7 +526,7 @@ async fn flapping_idp_never_yields_an_allow_on_a_failure() {
     let idp = Idp::start(move |seen| {
         let mut outcomes = record.lock().unwrap();
         let n = outcomes.len();
-        let ok = n % 2 == 0;
+        let ok = n.is_multiple_of(2);
         outcomes.push((seen.token.clone(), ok));
         if ok {
             return Reply::jwt(&make_jwt(&seen.token, Some(unix_now() + 3600), 0));
