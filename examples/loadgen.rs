@@ -44,10 +44,14 @@ struct Args {
     /// Stop after this many requests (warm-up included), e.g. to fill a cache.
     #[arg(long)]
     requests: Option<u64>,
-    /// `same`: one token. `unique`: a new token per request. `mixed`: a small pool, with
-    /// some inactive, some unavailable and some token-less requests.
+    /// `same`: one token (or `--pool` tokens in turn). `unique`: a new token per request.
+    /// `mixed`: a small pool, with some inactive, some unavailable and some token-less requests.
     #[arg(long, value_enum, default_value = "same")]
     tokens: Tokens,
+    /// With `--tokens same`: how many tokens to take turns with. Above the concurrency, no two
+    /// requests in flight share a token, so a server cannot merge their lookups.
+    #[arg(long, default_value_t = 1)]
+    pool: u64,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -63,6 +67,7 @@ enum Tokens {
 /// What the workers share.
 struct Plan {
     tokens: Tokens,
+    pool: u64,
     /// Distinguishes this run's tokens from earlier runs' against the same caches.
     run: u64,
     template: HashMap<String, String>,
@@ -113,6 +118,7 @@ async fn run(args: Args) -> Result<(), String> {
     let measure_from = start + args.warmup;
     let plan = Arc::new(Plan {
         tokens: args.tokens,
+        pool: args.pool.max(1),
         run: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64),
@@ -223,7 +229,7 @@ fn check_request(plan: &Plan, n: u64) -> CheckRequest {
 fn token_for(plan: &Plan, n: u64) -> Option<String> {
     let run = plan.run;
     match plan.tokens {
-        Tokens::Same => Some(format!("same-{run:x}")),
+        Tokens::Same => Some(format!("same-{run:x}-{}", n % plan.pool)),
         Tokens::Unique => Some(format!("unique-{run:x}-{n}")),
         // 85% a pool of 16 users, 7% inactive, 5% no token, 3% IdP unavailable.
         Tokens::Mixed => match n % 100 {
@@ -251,11 +257,12 @@ fn report(args: &Args, mut tally: Tally, elapsed: Duration) {
     let max = tally.latencies_ns.last().map_or(0.0, |ns| *ns as f64 / 1e6);
     if args.json {
         println!(
-            "{{\"tokens\":\"{}\",\"rate\":{},\"connections\":{},\"concurrency\":{},\
+            "{{\"tokens\":\"{}\",\"pool\":{},\"rate\":{},\"connections\":{},\"concurrency\":{},\
              \"seconds\":{secs:.3},\"requests\":{count},\"rps\":{rps:.1},\"p50_ms\":{p50:.4},\
              \"p99_ms\":{p99:.4},\"p999_ms\":{p999:.4},\"max_ms\":{max:.4},\"ok\":{},\
              \"denied\":{},\"errors\":{}}}",
             format!("{:?}", args.tokens).to_lowercase(),
+            args.pool,
             args.rate.map_or("null".to_owned(), |r| r.to_string()),
             args.connections,
             args.concurrency,

@@ -18,6 +18,19 @@ IDP_DELAY=5ms
 SERVER_CPU=0
 LOAD_CPU=1
 OUT=bench/results.md
+# As root, the benchmark's processes run at raised priority so that a build or other work on
+# the machine distorts the figures less (BENCH_NICE=0 turns this off).
+PRIO=()
+AUTOGROUP_NICE=
+if [ "$(id -u)" = 0 ] && [ "${BENCH_NICE:--10}" != 0 ]; then
+    PRIO=(nice -n "${BENCH_NICE:--10}")
+    # With autogroup scheduling, nice only ranks processes within one session; raise this
+    # session's group too (restored on exit) so other sessions' builds yield to the benchmark.
+    if [ -w /proc/self/autogroup ]; then
+        AUTOGROUP_NICE=$(awk '{ print $NF }' /proc/self/autogroup)
+        echo "${BENCH_NICE:--10}" 2>/dev/null >/proc/self/autogroup || AUTOGROUP_NICE=
+    fi
+fi
 
 log() { printf '== %s\n' "$*" >&2; }
 die() { printf 'bench.sh: %s\n' "$*" >&2; exit 1; }
@@ -53,6 +66,7 @@ cleanup() {
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
     rm -rf "$WORK"
+    if [ -n "$AUTOGROUP_NICE" ]; then echo "$AUTOGROUP_NICE" >/proc/self/autogroup || true; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -87,7 +101,7 @@ stop() { # stop PID: ends one process started here
 # start_example NAME ARGS...: starts an example on the server CPU, sets ADDR and PID.
 start_example() {
     local name=$1; shift
-    taskset -c "$SERVER_CPU" "$BIN/examples/$name" "$@" >"$WORK/$name.out" 2>"$WORK/$name.err" &
+    "${PRIO[@]}" taskset -c "$SERVER_CPU" "$BIN/examples/$name" "$@" >"$WORK/$name.out" 2>"$WORK/$name.err" &
     PID=$!; PIDS+=("$PID")
     ADDR=$(wait_for "$WORK/$name.out" '^listening ' | cut -d' ' -f2)
 }
@@ -95,7 +109,7 @@ start_example() {
 # start_phantom ARGS...: starts phantom-authz on the server CPU, sets PA_GRPC, PA_ADMIN, PA_PID.
 start_phantom() {
     local err="$WORK/phantom-authz.$RANDOM.err" line
-    NO_COLOR=1 RUST_LOG=warn,phantom_authz=info taskset -c "$SERVER_CPU" "$BIN/phantom-authz" \
+    NO_COLOR=1 RUST_LOG=warn,phantom_authz=info "${PRIO[@]}" taskset -c "$SERVER_CPU" "$BIN/phantom-authz" \
         --grpc-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
         --introspection-url "http://$IDP/oauth/v2/oauth-introspect" \
         --client-id bench --client-secret bench-secret "$@" 2>"$err" &
@@ -109,7 +123,7 @@ start_phantom() {
 # load NAME TARGET ARGS...: one measured loadgen run on the load CPU, JSON kept in $WORK/NAME.json.
 load() {
     local name=$1 target=$2; shift 2
-    taskset -c "$LOAD_CPU" "$BIN/examples/loadgen" --target "http://$target" \
+    "${PRIO[@]}" taskset -c "$LOAD_CPU" "$BIN/examples/loadgen" --target "http://$target" \
         --duration "$DURATION" --warmup "$WARMUP" --json "$@" >"$WORK/$name.json"
     log "$name: $(cat "$WORK/$name.json")"
 }
@@ -124,7 +138,7 @@ metric() { curl -sf "http://$PA_ADMIN/metrics" | awk -v k="$1" '$1 == k { print 
 # --- servers -------------------------------------------------------------------------------
 REDIS_PORT=$(free_port)
 log "starting redis-server on 127.0.0.1:$REDIS_PORT (no persistence)"
-taskset -c "$SERVER_CPU" redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save '' \
+"${PRIO[@]}" taskset -c "$SERVER_CPU" redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save '' \
     --appendonly no --protected-mode yes --daemonize no >"$WORK/redis.out" 2>&1 &
 PIDS+=("$!")
 wait_for "$WORK/redis.out" 'Ready to accept connections' >/dev/null
@@ -152,7 +166,7 @@ load local_half "$PA_GRPC" --tokens same --rate "$HALF"
 
 log "miss (a new token per request, IdP delay $IDP_DELAY)"
 # An unmeasured warm-up opens the introspection client's connections first.
-taskset -c "$LOAD_CPU" "$BIN/examples/loadgen" --target "http://$PA_GRPC" --tokens unique \
+"${PRIO[@]}" taskset -c "$LOAD_CPU" "$BIN/examples/loadgen" --target "http://$PA_GRPC" --tokens unique \
     --duration 2s --warmup 0s --json >/dev/null
 CONN0=$(idp_stat connections); CALLS0=$(idp_stat calls)
 load miss_light "$PA_GRPC" --tokens unique --rate 200
@@ -166,17 +180,18 @@ stop "$PA_PID"
 
 log "Redis hit (--local-cache-ttl 0)"
 start_phantom --redis-url "$REDIS" --local-cache-ttl 0
-load redis_sat "$PA_GRPC" --tokens same
-load redis_half "$PA_GRPC" --tokens same --rate "$HALF"
+# 1024 tokens in turn: with one token, concurrent Checks would share one Redis lookup.
+load redis_sat "$PA_GRPC" --tokens same --pool 1024
+load redis_half "$PA_GRPC" --tokens same --pool 1024 --rate "$HALF"
 stop "$PA_PID"
 
 log "memory per cached token ($FILL unique tokens, Redis off)"
 start_phantom --local-cache-max-entries 200000
-taskset -c "$LOAD_CPU" "$BIN/examples/loadgen" --target "http://$PA_GRPC" --tokens same \
+"${PRIO[@]}" taskset -c "$LOAD_CPU" "$BIN/examples/loadgen" --target "http://$PA_GRPC" --tokens same \
     --requests 2000 --warmup 0s --duration 60s --json >/dev/null
 sleep 1
 RSS0=$(rss_kib "$PA_PID"); ENTRIES0=$(metric phantom_authz_local_cache_entries)
-taskset -c "$LOAD_CPU" "$BIN/examples/loadgen" --target "http://$PA_GRPC" --tokens unique \
+"${PRIO[@]}" taskset -c "$LOAD_CPU" "$BIN/examples/loadgen" --target "http://$PA_GRPC" --tokens unique \
     --requests "$FILL" --concurrency 128 --warmup 0s --duration 300s --json >"$WORK/fill.json"
 sleep 1
 RSS1=$(rss_kib "$PA_PID"); ENTRIES1=$(metric phantom_authz_local_cache_entries)
@@ -214,7 +229,7 @@ mkdir -p bench
     echo "- Kernel: \`$(uname -srm)\`"
     echo "- CPU: $(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1) ($(nproc) CPUs)"
     echo "- Servers (redis-server, scripted IdP, no-op baseline, phantom-authz) pinned to CPU $SERVER_CPU;" \
-         "load generator pinned to CPU $LOAD_CPU; loopback only."
+         "load generator pinned to CPU $LOAD_CPU; loopback only; priority: \`${PRIO[*]:-default}\`."
     echo "- Load: 4 HTTP/2 connections, 64 requests in flight, $WARMUP warm-up + $DURATION measured per row;" \
          "fixed-rate rows run at half the baseline's saturation ($HALF req/s), latency measured from each request's due time."
     echo "- Load average (1/5/15 min) before the runs: $LOADAVG_BEFORE; after: $LOADAVG_AFTER." \
@@ -229,8 +244,8 @@ mkdir -p bench
     row "no-op baseline" base_half base_half "$HALF/s"
     row "local-cache hit (same token, Redis on)" local_sat base_sat saturation
     row "local-cache hit (same token, Redis on)" local_half base_half "$HALF/s"
-    row "Redis hit (same token, --local-cache-ttl 0)" redis_sat base_sat saturation
-    row "Redis hit (same token, --local-cache-ttl 0)" redis_half base_half "$HALF/s"
+    row "Redis hit (1024 tokens, --local-cache-ttl 0)" redis_sat base_sat saturation
+    row "Redis hit (1024 tokens, --local-cache-ttl 0)" redis_half base_half "$HALF/s"
     row "miss (unique tokens, IdP $IDP_DELAY)" miss_sat base_sat saturation
     row "miss (unique tokens, IdP $IDP_DELAY)" miss_half base_half "$HALF/s"
     row "miss (unique tokens, IdP $IDP_DELAY)" miss_light base_half "200/s"
