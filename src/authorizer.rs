@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::sync::OnceCell;
 
 use crate::cache::local::LocalCache;
-use crate::cache::{CacheError, CachedJwt, SharedCache, now_ms};
+use crate::cache::{CacheError, CachedJwt, Eviction, SharedCache, now_ms};
 use crate::decision::{AllowedJwt, Outcome, bearer};
 use crate::introspection::{ActiveToken, CacheDirective, IdpError, Introspect, Introspected};
 use crate::metrics::{self, Lookup, Tier};
@@ -138,6 +138,23 @@ impl Authorizer {
     pub fn forget_locally(&self, key: &CacheKey) {
         if let Some(local) = &self.local {
             local.remove(key);
+        }
+    }
+
+    /// Drops every in-process entry, for when evictions may have been missed.
+    pub fn forget_all_locally(&self) {
+        if let Some(local) = &self.local {
+            local.clear();
+        }
+    }
+
+    /// Revokes a token's cached allow: here first, so this replica stops serving it even when
+    /// Redis fails, then in Redis and, through it, on every replica.
+    pub async fn evict(&self, key: &CacheKey) -> Result<Eviction, CacheError> {
+        self.forget_locally(key);
+        match &self.shared {
+            Some(shared) => shared.evict(key).await,
+            None => Ok(Eviction::default()),
         }
     }
 }
@@ -321,6 +338,74 @@ mod tests {
             tokio::time::timeout(Duration::from_millis(10), authorizer.authorize(token)).await;
         assert!(timed_out.is_err());
         assert!(authorizer.flights.lock().unwrap().is_empty());
+    }
+
+    /// A shared-cache double whose eviction always fails, as when Redis is down.
+    struct DownCache;
+
+    impl SharedCache for DownCache {
+        fn get<'a>(
+            &'a self,
+            _key: &'a CacheKey,
+            _token: Token<'a>,
+        ) -> BoxFuture<'a, Result<Option<CachedJwt>, CacheError>> {
+            Box::pin(async { Err(CacheError::Timeout) })
+        }
+
+        fn put(
+            &self,
+            _key: &CacheKey,
+            _token: Token<'_>,
+            _entry: &CachedJwt,
+            _ttl: Duration,
+        ) -> BoxFuture<'static, Result<(), CacheError>> {
+            Box::pin(async { Err(CacheError::Timeout) })
+        }
+
+        fn evict(&self, _key: &CacheKey) -> BoxFuture<'static, Result<Eviction, CacheError>> {
+            Box::pin(async { Err(CacheError::Timeout) })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn eviction_drops_the_local_copy_even_when_redis_fails() {
+        let idp = Arc::new(ScriptedIdp {
+            calls: AtomicUsize::new(0),
+            delay: Duration::ZERO,
+            answer: Ok(Introspected::Active(active(
+                CacheDirective::Unspecified,
+                None,
+            ))),
+        });
+        let ttls = Ttls {
+            default: Duration::from_secs(300),
+            local_cap: Some(Duration::from_secs(60)),
+        };
+        let with_redis = Authorizer::new(
+            Some(LocalCache::new(100, 1 << 20)),
+            Some(Arc::new(DownCache)),
+            idp.clone(),
+            ttls,
+        );
+        let header = "Bearer revoked".to_string();
+        let token = parse_bearer(&header, 100).unwrap();
+        let key = CacheKey::of(token);
+        with_redis.authorize(token).await;
+        with_redis.authorize(token).await;
+        assert_eq!(idp.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(with_redis.evict(&key).await, Err(CacheError::Timeout));
+        with_redis.authorize(token).await;
+        assert_eq!(idp.calls.load(Ordering::SeqCst), 2);
+
+        // Without Redis, an eviction is local only and reaches nobody else.
+        let alone = authorizer(idp.clone());
+        alone.authorize(token).await;
+        assert_eq!(alone.evict(&key).await, Ok(Eviction::default()));
+        alone.authorize(token).await;
+        assert_eq!(idp.calls.load(Ordering::SeqCst), 4);
+        alone.forget_all_locally();
+        alone.authorize(token).await;
+        assert_eq!(idp.calls.load(Ordering::SeqCst), 5);
     }
 
     #[test]

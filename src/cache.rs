@@ -64,6 +64,18 @@ pub trait SharedCache: Send + Sync {
         entry: &CachedJwt,
         ttl: Duration,
     ) -> BoxFuture<'static, Result<(), CacheError>>;
+
+    /// Deletes the entry for `key` and tells every replica to drop its in-process copy.
+    fn evict(&self, key: &CacheKey) -> BoxFuture<'static, Result<Eviction, CacheError>>;
+}
+
+/// What an eviction reached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Eviction {
+    /// The shared cache held an entry for the key.
+    pub deleted: bool,
+    /// Replicas (the evicting one included) that received the notice to drop their copy.
+    pub notified: u64,
 }
 
 /// Milliseconds since the epoch.

@@ -34,6 +34,16 @@ pub struct Args {
     )]
     pub admin_listen: SocketAddr,
 
+    /// Address of the admin gRPC listener (phantom_authz.admin.v1.Admin: token eviction).
+    /// Off unless given; requires --admin-token-file. Keep it off the data-plane network.
+    #[arg(long, env = "PHANTOM_AUTHZ_ADMIN_GRPC_LISTEN")]
+    pub admin_grpc_listen: Option<SocketAddr>,
+
+    /// File holding the bearer secret every admin gRPC call must present as
+    /// `authorization: Bearer <secret>` (surrounding whitespace is trimmed; 16 bytes or more).
+    #[arg(long, env = "PHANTOM_AUTHZ_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
     /// The identity server's introspection endpoint (http or https).
     #[arg(long, env = "PHANTOM_AUTHZ_INTROSPECTION_URL")]
     pub introspection_url: Option<String>,
@@ -186,6 +196,7 @@ pub enum SecretSource {
 pub struct Config {
     pub grpc_listen: SocketAddr,
     pub admin_listen: SocketAddr,
+    pub admin_grpc: Option<AdminGrpcConfig>,
     pub introspection: IntrospectionConfig,
     pub cache: CacheConfig,
     pub redis: Option<RedisConfig>,
@@ -213,6 +224,13 @@ pub struct CacheConfig {
     pub local_ttl: Duration,
     pub local_max_entries: usize,
     pub local_max_bytes: u64,
+}
+
+/// The admin gRPC API; the secret file is read at start-up.
+#[derive(Debug)]
+pub struct AdminGrpcConfig {
+    pub listen: SocketAddr,
+    pub token_file: PathBuf,
 }
 
 /// The shared cache.
@@ -315,10 +333,36 @@ impl Config {
             return Err(invalid("--max-token-length", "must be at least 1"));
         }
         validate_realm(&args.realm)?;
+        let admin_grpc = match (args.admin_grpc_listen, args.admin_token_file) {
+            (Some(listen), Some(_))
+                if listen.port() != 0
+                    && (listen == args.grpc_listen || listen == args.admin_listen) =>
+            {
+                return Err(invalid(
+                    "--admin-grpc-listen",
+                    "must differ from --grpc-listen and --admin-listen",
+                ));
+            }
+            (Some(listen), Some(token_file)) => Some(AdminGrpcConfig { listen, token_file }),
+            (Some(_), None) => {
+                return Err(invalid(
+                    "--admin-token-file",
+                    "is required with --admin-grpc-listen",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "--admin-token-file",
+                    "has no use without --admin-grpc-listen",
+                ));
+            }
+            (None, None) => None,
+        };
 
         Ok(Config {
             grpc_listen: args.grpc_listen,
             admin_listen: args.admin_listen,
+            admin_grpc,
             introspection: IntrospectionConfig {
                 url,
                 client_id,
@@ -420,6 +464,34 @@ pub fn parse_bytes(value: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn admin_grpc_is_off_by_default_and_needs_its_secret_file() {
+        assert!(args(&[]).unwrap().admin_grpc.is_none());
+        let config = args(&[
+            "--admin-grpc-listen",
+            "127.0.0.1:9002",
+            "--admin-token-file",
+            "/run/admin",
+        ])
+        .unwrap();
+        let admin = config.admin_grpc.unwrap();
+        assert_eq!(admin.listen.port(), 9002);
+        assert_eq!(admin.token_file, PathBuf::from("/run/admin"));
+
+        let err = args(&["--admin-grpc-listen", "127.0.0.1:9002"]).unwrap_err();
+        assert_eq!(err.flag, "--admin-token-file");
+        let err = args(&["--admin-token-file", "/run/admin"]).unwrap_err();
+        assert_eq!(err.flag, "--admin-token-file");
+        let err = args(&[
+            "--admin-grpc-listen",
+            "0.0.0.0:9090",
+            "--admin-token-file",
+            "/run/admin",
+        ])
+        .unwrap_err();
+        assert_eq!(err.flag, "--admin-grpc-listen");
+    }
 
     fn args(extra: &[&str]) -> Result<Config, ConfigError> {
         let mut argv = vec![

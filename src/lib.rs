@@ -10,8 +10,9 @@
 //! - [`authorizer`]: the flow itself: local cache, Redis, one introspection per token, TTL choice.
 //! - [`decision`]: the one place where outcomes become HTTP statuses, gRPC codes and headers. Pure.
 //!
-//! Around them: [`config`] turns flags and environment into plain validated types, and
-//! [`metrics`] names every metric the service records.
+//! Around them: [`config`] turns flags and environment into plain validated types,
+//! [`metrics`] names every metric the service records, and [`revocation`] serves the admin gRPC
+//! API that evicts a revoked token from every replica's caches, through Redis pub/sub.
 
 pub mod authorizer;
 pub mod cache;
@@ -19,5 +20,6 @@ pub mod config;
 pub mod decision;
 pub mod introspection;
 pub mod metrics;
+pub mod revocation;
 pub mod server;
 pub mod token;

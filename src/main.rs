@@ -19,6 +19,7 @@ use phantom_authz::config::{Args, Config, LogFormat, Secret, SecretSource};
 use phantom_authz::decision::Responder;
 use phantom_authz::introspection::HttpIntrospector;
 use phantom_authz::introspection::guard::Guarded;
+use phantom_authz::revocation::{self, AdminGuard, AdminService};
 use phantom_authz::server::{self, CheckService, Readiness};
 
 fn main() -> ExitCode {
@@ -87,6 +88,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         None => None,
     };
     let redis_health = redis.as_ref().map(RedisCache::health);
+    let redis_client = redis.as_ref().map(RedisCache::client);
     // With Redis, the in-process tier is a short-lived front (off at --local-cache-ttl 0);
     // without it, the in-process tier is the cache.
     let local_cap = redis.is_some().then_some(config.cache.local_ttl);
@@ -103,7 +105,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         },
     ));
     let service = CheckService::new(
-        authorizer,
+        authorizer.clone(),
         Responder::new(&config.realm),
         config.max_token_length,
     );
@@ -114,6 +116,17 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let admin_listener = TcpListener::bind(config.admin_listen)
         .await
         .with_context(|| format!("--admin-listen: cannot bind {}", config.admin_listen))?;
+    let admin_grpc = match &config.admin_grpc {
+        Some(admin) => {
+            let guard = AdminGuard::new(&read_admin_token(&admin.token_file)?);
+            let listener = TcpListener::bind(admin.listen)
+                .await
+                .with_context(|| format!("--admin-grpc-listen: cannot bind {}", admin.listen))?;
+            tracing::info!(admin_grpc = %listener.local_addr()?, "admin gRPC listening");
+            Some((listener, guard))
+        }
+        None => None,
+    };
     tracing::info!(
         grpc = %grpc_listener.local_addr()?,
         admin = %admin_listener.local_addr()?,
@@ -148,6 +161,21 @@ async fn run(config: Config) -> anyhow::Result<()> {
         let _ = drain_tx.send(true);
     });
 
+    // Eviction calls stop with Checks; the subscriber listens until the very end.
+    let admin_grpc = admin_grpc.map(|(listener, guard)| {
+        let service = AdminService::new(authorizer.clone(), config.max_token_length);
+        let shutdown = stopped(drain_rx.clone(), true);
+        tokio::spawn(async move {
+            if let Err(error) = revocation::serve(listener, service, guard, shutdown).await {
+                tracing::error!(%error, "admin gRPC listener failed; evictions unavailable");
+            }
+        })
+    });
+    let evictions = redis_client.map(|client| {
+        let shutdown = stopped(stop_rx.clone(), true);
+        tokio::spawn(revocation::subscribe(client, authorizer.clone(), shutdown))
+    });
+
     let grace = config.shutdown_grace;
     let drain_deadline = {
         let drain_rx = drain_rx.clone();
@@ -166,6 +194,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     let _ = stop_tx.send(true);
     let _ = admin.await;
+    for task in [admin_grpc, evictions].into_iter().flatten() {
+        let _ = task.await;
+    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -188,6 +219,20 @@ async fn terminated() {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
+}
+
+/// The admin API's bearer secret: long enough not to be guessed.
+fn read_admin_token(path: &std::path::Path) -> anyhow::Result<Secret> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--admin-token-file: cannot read {}", path.display()))?;
+    let secret = text.trim();
+    if secret.len() < 16 {
+        anyhow::bail!(
+            "--admin-token-file: {} must hold a secret of 16 bytes or more",
+            path.display()
+        );
+    }
+    Ok(Secret::new(secret))
 }
 
 fn read_secret(path: &std::path::Path) -> anyhow::Result<Secret> {

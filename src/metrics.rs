@@ -23,6 +23,7 @@ pub const REDIS_UP: &str = "phantom_authz_redis_up";
 pub const LOCAL_CACHE_ENTRIES: &str = "phantom_authz_local_cache_entries";
 pub const LOCAL_CACHE_BYTES: &str = "phantom_authz_local_cache_bytes";
 pub const BUILD_INFO: &str = "phantom_authz_build_info";
+pub const EVICTIONS: &str = "phantom_authz_evictions_total";
 pub const CIRCUIT_STATE: &str = "phantom_authz_circuit_state";
 pub const INTROSPECTIONS_REJECTED: &str = "phantom_authz_introspection_rejected_total";
 
@@ -69,7 +70,7 @@ fn describe() {
     describe_gauge!(INTROSPECTIONS_IN_FLIGHT, "Introspection calls under way.");
     describe_counter!(
         REDIS_ERRORS,
-        "Failed Redis commands, by operation (get|set)."
+        "Failed Redis commands, by operation (get|set|evict)."
     );
     describe_histogram!(
         REDIS_DURATION,
@@ -85,6 +86,11 @@ fn describe() {
         LOCAL_CACHE_BYTES,
         Unit::Bytes,
         "JWT bytes held by the in-process cache."
+    );
+    describe_counter!(
+        EVICTIONS,
+        "Tokens dropped from the caches, by source: api (this replica's admin API) or pubsub \
+         (a notice from any replica, this one included)."
     );
     describe_gauge!(
         BUILD_INFO,
@@ -205,4 +211,21 @@ pub fn introspection_rejected(reason: &'static str) {
 pub fn local_cache_size(entries: usize, bytes: u64) {
     gauge!(LOCAL_CACHE_ENTRIES).set(entries as f64);
     gauge!(LOCAL_CACHE_BYTES).set(bytes as f64);
+}
+
+/// Where an eviction came from.
+#[derive(Clone, Copy, Debug)]
+pub enum EvictionSource {
+    /// A call to this replica's admin API.
+    Api,
+    /// A notice on the Redis eviction channel.
+    Pubsub,
+}
+
+pub fn eviction(source: EvictionSource) {
+    let source = match source {
+        EvictionSource::Api => "api",
+        EvictionSource::Pubsub => "pubsub",
+    };
+    counter!(EVICTIONS, "source" => source).increment(1);
 }

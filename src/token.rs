@@ -98,7 +98,11 @@ pub fn parse_bearer(value: &str, max_len: usize) -> Result<Token<'_>, TokenProbl
     if !scheme.eq_ignore_ascii_case("bearer") {
         return Err(TokenProblem::Missing);
     }
-    let token = rest.trim_start_matches([' ', '\t']);
+    parse_token(rest.trim_start_matches([' ', '\t']), max_len)
+}
+
+/// Checks a bare token (no scheme), as an operator hands it to the admin API.
+pub fn parse_token(token: &str, max_len: usize) -> Result<Token<'_>, TokenProblem> {
     if token.is_empty() {
         return Err(TokenProblem::Missing);
     }
@@ -147,14 +151,34 @@ impl CacheKey {
 
     /// The Redis key: the versioned prefix and the digest in hex.
     pub fn redis_key(&self) -> String {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut key = String::with_capacity(REDIS_KEY_PREFIX.len() + 64);
         key.push_str(REDIS_KEY_PREFIX);
-        for byte in self.0 {
-            key.push(HEX[usize::from(byte >> 4)] as char);
-            key.push(HEX[usize::from(byte & 0xf)] as char);
-        }
+        key.push_str(&self.to_hex());
         key
+    }
+
+    /// The digest in lowercase hex: 64 characters, as replicas tell each other of evictions.
+    pub fn to_hex(&self) -> String {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut hex = String::with_capacity(64);
+        for byte in self.0 {
+            hex.push(HEX[usize::from(byte >> 4)] as char);
+            hex.push(HEX[usize::from(byte & 0xf)] as char);
+        }
+        hex
+    }
+
+    /// Reads what [`CacheKey::to_hex`] wrote (either case); `None` for anything else.
+    pub fn from_hex(hex: &[u8]) -> Option<Self> {
+        if hex.len() != 64 {
+            return None;
+        }
+        let nibble = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+        let mut digest = [0u8; 32];
+        for (byte, pair) in digest.iter_mut().zip(hex.chunks_exact(2)) {
+            *byte = nibble(pair[0])? << 4 | nibble(pair[1])?;
+        }
+        Some(Self(digest))
     }
 }
 
@@ -322,5 +346,36 @@ mod tests {
             CacheKey::of(parse_bearer("Bearer secret-tokem", 100).unwrap())
         );
         assert!(!format!("{token:?}{key:?}").contains("secret"));
+    }
+
+    #[test]
+    fn cache_key_hex_round_trips() {
+        let key = CacheKey::of(parse_token("tok", 100).unwrap());
+        let hex = key.to_hex();
+        assert_eq!(hex.len(), 64);
+        assert!(key.redis_key().ends_with(&hex));
+        assert_eq!(CacheKey::from_hex(hex.as_bytes()), Some(key));
+        assert_eq!(CacheKey::from_hex(hex.to_uppercase().as_bytes()), Some(key));
+        assert_eq!(CacheKey::from_hex(&hex.as_bytes()[..63]), None);
+        assert_eq!(CacheKey::from_hex(format!("{hex}0").as_bytes()), None);
+        let mut bad = hex.into_bytes();
+        bad[10] = b'g';
+        assert_eq!(CacheKey::from_hex(&bad), None);
+        bad[10] = 0xc3;
+        assert_eq!(CacheKey::from_hex(&bad), None);
+        assert_eq!(CacheKey::from_hex(b""), None);
+    }
+
+    #[test]
+    fn bare_tokens_follow_the_bearer_rules() {
+        assert_eq!(parse_token("abc.DEF-1", 100).unwrap().expose(), "abc.DEF-1");
+        assert_eq!(parse_token("", 100), Err(TokenProblem::Missing));
+        assert_eq!(parse_token("Bearer abc", 100), Err(TokenProblem::Invalid));
+        assert_eq!(parse_token(" abc", 100), Err(TokenProblem::Invalid));
+        assert_eq!(parse_token("abcdef", 5), Err(TokenProblem::Invalid));
+        assert_eq!(
+            CacheKey::of(parse_token("abc", 100).unwrap()),
+            CacheKey::of(parse_bearer("Bearer abc", 100).unwrap())
+        );
     }
 }

@@ -89,6 +89,14 @@ impl LocalCache {
         metrics::local_cache_size(inner.map.len(), inner.bytes);
     }
 
+    /// Drops every entry: after missing evictions, nothing held can be trusted.
+    pub fn clear(&self) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.map.clear();
+        inner.bytes = 0;
+        metrics::local_cache_size(0, 0);
+    }
+
     /// Entries and accounted bytes held now.
     pub fn size(&self) -> (usize, u64) {
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
@@ -229,5 +237,15 @@ mod tests {
         assert_eq!(cache.size(), (1, entry_size(&bearer("a.b.cdef"))));
         cache.remove(&key(1));
         assert_eq!(cache.size(), (0, 0));
+    }
+
+    #[test]
+    fn clear_drops_everything() {
+        let cache = LocalCache::new(10, 1 << 20);
+        cache.put(key(1), bearer("a.b.c"), Duration::from_secs(60));
+        cache.put(key(2), bearer("a.b.c"), Duration::from_secs(60));
+        cache.clear();
+        assert_eq!(cache.size(), (0, 0));
+        assert_eq!(cache.get(&key(1)), None);
     }
 }

@@ -4,6 +4,9 @@
 //! under a key derived from the token with HKDF-SHA256, the Redis key as associated data. Only a
 //! holder of the token can read an entry or plant one that decrypts; the TTL lives in Redis
 //! (one `SET … PX`). Every command is bounded by a timeout; the connection reconnects by itself.
+//!
+//! An eviction deletes the key and publishes the digest on [`EVICTION_CHANNEL`], to which every
+//! replica subscribes (see [`crate::revocation`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,12 +19,15 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Client, IntoConnectionInfo};
 use sha2::Sha256;
 
-use super::{CacheError, CachedJwt, SharedCache, now_ms};
+use super::{CacheError, CachedJwt, Eviction, SharedCache, now_ms};
 use crate::config::Secret;
 use crate::decision::Authorization;
 use crate::introspection::BoxFuture;
 use crate::metrics;
 use crate::token::{CacheKey, Token};
+
+/// The pub/sub channel on which evictions travel; a message is a digest in hex, never a token.
+pub const EVICTION_CHANNEL: &str = "phantom-authz:v1:evict";
 
 const NONCE_LEN: usize = 12;
 const EXPIRY_LEN: usize = 8;
@@ -29,6 +35,8 @@ const EXPIRY_LEN: usize = 8;
 /// The Redis tier.
 pub struct RedisCache {
     connection: ConnectionManager,
+    /// The client the connection came from, for the eviction subscriber's own connection.
+    client: Client,
     timeout: Duration,
     healthy: Arc<AtomicBool>,
 }
@@ -50,10 +58,11 @@ impl RedisCache {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_secs(1));
-        let connection = ConnectionManager::new_lazy_with_config(client, config)
+        let connection = ConnectionManager::new_lazy_with_config(client.clone(), config)
             .map_err(|e| format!("--redis-url: {}", e.kind_name()))?;
         Ok(Self {
             connection,
+            client,
             timeout,
             healthy: Arc::new(AtomicBool::new(true)),
         })
@@ -63,9 +72,14 @@ impl RedisCache {
     pub fn health(&self) -> Arc<AtomicBool> {
         self.healthy.clone()
     }
+
+    /// A client for the same server, with the same settings: pub/sub needs its own connection.
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
 }
 
-trait KindName {
+pub(crate) trait KindName {
     fn kind_name(&self) -> String;
 }
 
@@ -140,6 +154,29 @@ impl SharedCache for RedisCache {
                 connection.pset_ex::<_, _, ()>(redis_key, value, ttl_ms),
             )
             .await
+        })
+    }
+
+    fn evict(&self, key: &CacheKey) -> BoxFuture<'static, Result<Eviction, CacheError>> {
+        let mut connection = self.connection.clone();
+        let timeout = self.timeout;
+        let healthy = self.healthy.clone();
+        let mut pipeline = redis::pipe();
+        pipeline
+            .del(key.redis_key())
+            .publish(EVICTION_CHANNEL, key.to_hex());
+        Box::pin(async move {
+            let (deleted, notified): (u64, u64) = timed(
+                "evict",
+                timeout,
+                &healthy,
+                pipeline.query_async(&mut connection),
+            )
+            .await?;
+            Ok(Eviction {
+                deleted: deleted > 0,
+                notified,
+            })
         })
     }
 }

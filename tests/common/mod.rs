@@ -22,6 +22,9 @@ use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, 
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, CheckResponse};
+use phantom_authz::cache::redis::EVICTION_CHANNEL;
+use phantom_authz::revocation::proto::admin_client::AdminClient;
+use phantom_authz::revocation::proto::{EvictTokenRequest, EvictTokenResponse};
 use tonic::transport::Channel;
 
 pub const CLIENT_ID: &str = "gateway-client";
@@ -572,4 +575,81 @@ pub async fn eventually(timeout: Duration, mut condition: impl AsyncFnMut() -> b
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The admin gRPC API
+
+impl Service {
+    /// The admin gRPC address, when started with `--admin-grpc-listen`.
+    pub fn admin_grpc(&self) -> Option<SocketAddr> {
+        let log = self.log();
+        let line = log.lines().find(|l| l.contains("admin gRPC listening"))?;
+        field(line, "admin_grpc=").parse().ok()
+    }
+
+    /// The TCP ports this process listens on, read from Linux's /proc.
+    pub fn listening_ports(&self) -> std::collections::BTreeSet<u16> {
+        let inodes: std::collections::HashSet<String> =
+            std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+                .unwrap()
+                .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+                .filter_map(|link| {
+                    let link = link.to_string_lossy().into_owned();
+                    Some(link.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+                })
+                .collect();
+        let mut ports = std::collections::BTreeSet::new();
+        for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+            let Ok(text) = std::fs::read_to_string(table) else {
+                continue;
+            };
+            for line in text.lines().skip(1) {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                // local_address is field 1, state 3 (0A = LISTEN), inode 9.
+                if fields.len() > 9 && fields[3] == "0A" && inodes.contains(fields[9]) {
+                    let port = fields[1].rsplit(':').next().unwrap();
+                    ports.insert(u16::from_str_radix(port, 16).unwrap());
+                }
+            }
+        }
+        ports
+    }
+}
+
+/// Calls `EvictToken` on `addr`, presenting `authorization` as given.
+pub async fn evict(
+    addr: SocketAddr,
+    authorization: Option<&str>,
+    token: &str,
+) -> Result<EvictTokenResponse, tonic::Status> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut request = tonic::Request::new(EvictTokenRequest {
+        token: token.to_owned(),
+    });
+    if let Some(value) = authorization {
+        request
+            .metadata_mut()
+            .insert("authorization", value.parse().unwrap());
+    }
+    AdminClient::new(channel)
+        .evict_token(request)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// How many connections are subscribed to the eviction channel.
+pub async fn eviction_subscribers(redis: &Redis) -> u64 {
+    let mut conn = redis.connection().await;
+    let (_, count): (String, u64) = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(EVICTION_CHANNEL)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    count
 }

@@ -1,0 +1,370 @@
+//! Revocation: the `phantom_authz.admin.v1.Admin` gRPC API that evicts a token from every cache
+//! tier, the bearer-secret guard in front of it, and the Redis pub/sub subscriber through which
+//! every replica drops its in-process copy of an evicted token.
+//!
+//! An eviction deletes the token's Redis entry and publishes its digest (never the token) on
+//! [`EVICTION_CHANNEL`]; each subscribed replica, the evicting one included, drops its local
+//! entry. A replica that was not subscribed when a notice went out cannot know what it missed,
+//! so it drops its whole in-process tier each time it (re)subscribes.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tonic::service::Interceptor;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Request, Response, Status};
+
+use crate::authorizer::Authorizer;
+use crate::cache::redis::{EVICTION_CHANNEL, KindName as _};
+use crate::config::Secret;
+use crate::metrics::{self, EvictionSource};
+use crate::token::{self, CacheKey};
+
+/// Code generated from `proto/phantom_authz/admin/v1/admin.proto`.
+pub mod proto {
+    tonic::include_proto!("phantom_authz.admin.v1");
+}
+
+use proto::admin_server::{Admin, AdminServer};
+use proto::{EvictTokenRequest, EvictTokenResponse};
+
+impl std::fmt::Debug for EvictTokenRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "EvictTokenRequest(token len={})", self.token.len())
+    }
+}
+
+/// Bound on one admin call; an eviction itself is bounded by the Redis timeout.
+const ADMIN_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The admin API: evicts tokens through the authorizer's cache tiers.
+pub struct AdminService {
+    authorizer: Arc<Authorizer>,
+    max_token_length: usize,
+}
+
+impl AdminService {
+    pub fn new(authorizer: Arc<Authorizer>, max_token_length: usize) -> Self {
+        Self {
+            authorizer,
+            max_token_length,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn evict_token(
+        &self,
+        request: Request<EvictTokenRequest>,
+    ) -> Result<Response<EvictTokenResponse>, Status> {
+        let request = request.into_inner();
+        let token = token::parse_token(&request.token, self.max_token_length).map_err(|_| {
+            Status::invalid_argument(
+                "token: not a bearer token (give it without the `Bearer ` scheme; RFC 6750 \
+                 characters only, at most --max-token-length long)",
+            )
+        })?;
+        let key = CacheKey::of(token);
+        match self.authorizer.evict(&key).await {
+            Ok(eviction) => {
+                metrics::eviction(EvictionSource::Api);
+                tracing::info!(
+                    key = ?key,
+                    redis_deleted = eviction.deleted,
+                    replicas_notified = eviction.notified,
+                    "token evicted"
+                );
+                Ok(Response::new(EvictTokenResponse {
+                    redis_deleted: eviction.deleted,
+                    replicas_notified: u32::try_from(eviction.notified).unwrap_or(u32::MAX),
+                }))
+            }
+            Err(error) => {
+                tracing::warn!(key = ?key, %error, "eviction did not reach redis");
+                Err(Status::unavailable(
+                    "redis did not answer: this replica dropped its copy, but the entry may live \
+                     on in Redis and on other replicas; retry",
+                ))
+            }
+        }
+    }
+}
+
+/// Admits admin calls carrying `authorization: Bearer <secret>`.
+///
+/// Only a digest of the secret is kept, and a presented value is compared by its digest in
+/// constant time: the time taken says nothing about how much of the secret a guess got right.
+#[derive(Clone)]
+pub struct AdminGuard {
+    digest: [u8; 32],
+}
+
+impl std::fmt::Debug for AdminGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminGuard(***)")
+    }
+}
+
+impl AdminGuard {
+    pub fn new(secret: &Secret) -> Self {
+        Self {
+            digest: digest(secret.expose().as_bytes()),
+        }
+    }
+
+    /// Whether an `authorization` header value carries the secret.
+    pub fn admits(&self, authorization: Option<&[u8]>) -> bool {
+        let Some(value) = authorization else {
+            return false;
+        };
+        let Some(presented) = strip_bearer(value) else {
+            return false;
+        };
+        constant_time_eq(&digest(presented), &self.digest)
+    }
+}
+
+impl Interceptor for AdminGuard {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let authorization = request
+            .metadata()
+            .get("authorization")
+            .map(|value| value.as_bytes());
+        if self.admits(authorization) {
+            Ok(request)
+        } else {
+            tracing::warn!("admin call refused: missing or wrong bearer secret");
+            Err(Status::unauthenticated(
+                "admin API: missing or wrong `authorization: Bearer` secret",
+            ))
+        }
+    }
+}
+
+fn digest(bytes: &[u8]) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    hasher.update(b"phantom-authz admin secret v1\0");
+    hasher.update(bytes);
+    hasher.finalize().into()
+}
+
+/// `Bearer <credential>`, scheme case-insensitive; the credential with surrounding blanks cut.
+fn strip_bearer(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, rest) = value.split_at_checked(7)?;
+    if !scheme.eq_ignore_ascii_case(b"bearer ") {
+        return None;
+    }
+    let credential = rest.trim_ascii();
+    (!credential.is_empty()).then_some(credential)
+}
+
+/// Compares two digests without an early exit.
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    let difference = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(difference) == 0
+}
+
+/// Serves the admin API on `listener`, every call behind `guard`, until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    service: AdminService,
+    guard: AdminGuard,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    tonic::transport::Server::builder()
+        .timeout(ADMIN_CALL_TIMEOUT)
+        .add_service(AdminServer::with_interceptor(service, guard))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// The subscriber
+
+/// Bound on connecting and subscribing, and on each keep-alive ping.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often a quiet subscription is checked with a ping: a connection that died without a
+/// word (a partition, a failover) is noticed within this plus [`SUBSCRIBE_TIMEOUT`].
+const PING_EVERY: Duration = Duration::from_secs(5);
+
+/// Listens for evictions on Redis until `shutdown` resolves, dropping each evicted token's
+/// in-process entry. Reconnects and resubscribes by itself, waiting a bounded, jittered,
+/// growing delay between attempts; never gives up and never fails the service.
+pub async fn subscribe(
+    client: redis::Client,
+    authorizer: Arc<Authorizer>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return,
+            reason = listen(&client, &authorizer, &mut backoff) => {
+                tracing::warn!(%reason, "eviction subscription lost; resubscribing");
+            }
+        }
+        let delay = backoff.next_delay(random_u32());
+        tokio::select! {
+            () = &mut shutdown => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// One subscription, from connecting until it breaks; returns why it broke.
+async fn listen(client: &redis::Client, authorizer: &Authorizer, backoff: &mut Backoff) -> String {
+    let connect = async {
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe(EVICTION_CHANNEL).await?;
+        redis::RedisResult::Ok(pubsub)
+    };
+    let pubsub = match tokio::time::timeout(SUBSCRIBE_TIMEOUT, connect).await {
+        Ok(Ok(pubsub)) => pubsub,
+        Ok(Err(error)) => return error.kind_name(),
+        Err(_) => return "subscribing timed out".into(),
+    };
+    // Notices sent while this replica was not listening are lost: trust nothing held.
+    authorizer.forget_all_locally();
+    backoff.reset();
+    tracing::info!(channel = EVICTION_CHANNEL, "listening for evictions");
+
+    let (mut sink, mut messages) = pubsub.split();
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
+    loop {
+        tokio::select! {
+            message = messages.next() => {
+                let Some(message) = message else {
+                    return "connection closed".into();
+                };
+                match CacheKey::from_hex(message.get_payload_bytes()) {
+                    Some(key) => {
+                        authorizer.forget_locally(&key);
+                        metrics::eviction(EvictionSource::Pubsub);
+                        tracing::debug!(key = ?key, "evicted on notice");
+                    }
+                    None => tracing::warn!("ignoring a malformed eviction notice"),
+                }
+            }
+            _ = ping.tick() => {
+                match tokio::time::timeout(SUBSCRIBE_TIMEOUT, sink.ping::<redis::Value>()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(error)) => return error.kind_name(),
+                    Err(_) => return "ping timed out".into(),
+                }
+            }
+        }
+    }
+}
+
+/// Delays between reconnection attempts: doubling from `min` up to `max`, each one drawn
+/// between half and all of its nominal value so that replicas do not reconnect in step.
+#[derive(Debug)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    nominal: Duration,
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Self {
+            min,
+            max,
+            nominal: min,
+        }
+    }
+
+    /// The next delay; `random` picks where it falls in its jitter range.
+    pub fn next_delay(&mut self, random: u32) -> Duration {
+        let nominal = self.nominal;
+        self.nominal = (nominal * 2).min(self.max);
+        let fraction = 0.5 + 0.5 * f64::from(random) / f64::from(u32::MAX);
+        nominal.mul_f64(fraction)
+    }
+
+    /// Back to the shortest delay, after a success.
+    pub fn reset(&mut self) {
+        self.nominal = self.min;
+    }
+}
+
+fn random_u32() -> u32 {
+    let mut bytes = [0u8; 4];
+    // Jitter only: without randomness, the largest delay of the range is as good.
+    getrandom::fill(&mut bytes).map_or(u32::MAX, |()| u32::from_ne_bytes(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guard_admits_only_the_secret() {
+        let guard = AdminGuard::new(&Secret::new("correct-horse-battery-staple"));
+        assert!(guard.admits(Some(b"Bearer correct-horse-battery-staple")));
+        assert!(guard.admits(Some(b"bearer  correct-horse-battery-staple ")));
+        for refused in [
+            &b"Bearer correct-horse-battery-stapl"[..],
+            b"Bearer correct-horse-battery-staple2",
+            b"Basic correct-horse-battery-staple",
+            b"correct-horse-battery-staple",
+            b"Bearer ",
+            b"Bearer",
+            b"",
+        ] {
+            assert!(
+                !guard.admits(Some(refused)),
+                "{}",
+                String::from_utf8_lossy(refused)
+            );
+        }
+        assert!(!guard.admits(None));
+        assert!(!format!("{guard:?}").contains("horse"));
+    }
+
+    #[test]
+    fn requests_do_not_debug_print_the_token() {
+        let request = EvictTokenRequest {
+            token: "opaque-secret-token".into(),
+        };
+        assert!(!format!("{request:?}").contains("opaque"));
+    }
+
+    #[test]
+    fn constant_time_eq_compares_every_byte() {
+        let a = [7u8; 32];
+        let mut b = a;
+        assert!(constant_time_eq(&a, &b));
+        b[31] ^= 1;
+        assert!(!constant_time_eq(&a, &b));
+        b = a;
+        b[0] ^= 0x80;
+        assert!(!constant_time_eq(&a, &b));
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_bound_with_jitter_and_resets() {
+        let (min, max) = (Duration::from_millis(100), Duration::from_secs(5));
+        let mut backoff = Backoff::new(min, max);
+        let top: Vec<_> = (0..10).map(|_| backoff.next_delay(u32::MAX)).collect();
+        assert_eq!(top[0], min);
+        assert_eq!(top[1], Duration::from_millis(200));
+        assert_eq!(top[5], Duration::from_millis(3_200));
+        assert!(top[6..].iter().all(|&d| d == max), "{top:?}");
+        // The bottom of the jitter range is half the nominal delay.
+        backoff.reset();
+        assert_eq!(backoff.next_delay(0), min / 2);
+        assert_eq!(backoff.next_delay(0), min);
+        for random in [0, 1, u32::MAX / 2, u32::MAX] {
+            let delay = Backoff::new(min, max).next_delay(random);
+            assert!(delay >= min / 2 && delay <= min, "{delay:?}");
+        }
+    }
+}
