@@ -83,8 +83,9 @@ impl Authorizer {
                     tracing::warn!(key = ?key, "redis entry failed to decrypt; introspecting");
                 }
                 Err(error) => {
+                    // Outages are logged once by the Redis tier, not once per Check.
                     metrics::cache_lookup(Tier::Redis, Lookup::Error);
-                    tracing::warn!(%error, "redis lookup failed; introspecting");
+                    tracing::debug!(%error, "redis lookup failed; introspecting");
                 }
             }
         }
@@ -116,7 +117,7 @@ impl Authorizer {
                 let write = shared.put(&key, token, &entry, ttl);
                 tokio::spawn(async move {
                     if let Err(error) = write.await {
-                        tracing::warn!(%error, "redis write failed");
+                        tracing::debug!(%error, "redis write failed");
                     }
                 });
             }

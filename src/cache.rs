@@ -41,6 +41,9 @@ pub enum CacheError {
     Timeout,
     #[error("redis error: {0}")]
     Redis(String),
+    /// Redis failed moments ago and is skipped until its next probe.
+    #[error("redis skipped while unavailable")]
+    Skipped,
     /// The entry was there but did not decrypt or parse.
     #[error("cache entry failed to decrypt or parse")]
     Corrupt,

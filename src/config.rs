@@ -48,6 +48,24 @@ pub struct Args {
     #[arg(long, env = "PHANTOM_AUTHZ_INTROSPECTION_URL")]
     pub introspection_url: Option<String>,
 
+    /// PEM file of the CA(s) that sign the IdP's certificate. When given, only these are
+    /// trusted for the IdP; otherwise the system's roots are.
+    #[arg(long, env = "PHANTOM_AUTHZ_IDP_CA_FILE")]
+    pub idp_ca_file: Option<PathBuf>,
+
+    /// PEM certificate chain for TLS on the gRPC listener (with --grpc-tls-key).
+    #[arg(long, env = "PHANTOM_AUTHZ_GRPC_TLS_CERT")]
+    pub grpc_tls_cert: Option<PathBuf>,
+
+    /// PEM private key for TLS on the gRPC listener (with --grpc-tls-cert).
+    #[arg(long, env = "PHANTOM_AUTHZ_GRPC_TLS_KEY")]
+    pub grpc_tls_key: Option<PathBuf>,
+
+    /// PEM CA(s) for client certificates: when given, every gRPC client (Envoy) must present a
+    /// certificate signed by one of them (mTLS).
+    #[arg(long, env = "PHANTOM_AUTHZ_GRPC_TLS_CLIENT_CA")]
+    pub grpc_tls_client_ca: Option<PathBuf>,
+
     /// Client id of the introspecting client.
     #[arg(long, env = "PHANTOM_AUTHZ_CLIENT_ID")]
     pub client_id: Option<String>,
@@ -98,6 +116,10 @@ pub struct Args {
     /// Shared cache (redis:// or rediss://). Without it the in-process cache serves alone.
     #[arg(long, env = "PHANTOM_AUTHZ_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
+
+    /// PEM CA(s) that sign Redis's certificate, for rediss:// URLs (default: system roots).
+    #[arg(long, env = "PHANTOM_AUTHZ_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
 
     /// Bound on one Redis command; on expiry the Check falls back to introspection.
     #[arg(long, env = "PHANTOM_AUTHZ_REDIS_TIMEOUT", default_value = "50ms", value_parser = parse_duration)]
@@ -195,6 +217,7 @@ pub enum SecretSource {
 #[derive(Debug)]
 pub struct Config {
     pub grpc_listen: SocketAddr,
+    pub grpc_tls: Option<GrpcTls>,
     pub admin_listen: SocketAddr,
     pub admin_grpc: Option<AdminGrpcConfig>,
     pub introspection: IntrospectionConfig,
@@ -206,10 +229,20 @@ pub struct Config {
     pub log_format: LogFormat,
 }
 
+/// TLS on the gRPC listener; files are read at start-up.
+#[derive(Debug)]
+pub struct GrpcTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Present: client certificates are required (mTLS).
+    pub client_ca: Option<PathBuf>,
+}
+
 /// Everything the introspection client needs except the secret's value.
 #[derive(Debug)]
 pub struct IntrospectionConfig {
     pub url: String,
+    pub ca_file: Option<PathBuf>,
     pub client_id: String,
     pub client_secret: SecretSource,
     pub mode: IntrospectionMode,
@@ -237,6 +270,7 @@ pub struct AdminGrpcConfig {
 #[derive(Debug)]
 pub struct RedisConfig {
     pub url: Secret,
+    pub ca_file: Option<PathBuf>,
     pub timeout: Duration,
 }
 
@@ -316,8 +350,12 @@ impl Config {
                 if args.redis_timeout.is_zero() {
                     return Err(invalid("--redis-timeout", "must be above zero"));
                 }
+                if args.redis_ca_file.is_some() && !url.starts_with("rediss://") {
+                    return Err(invalid("--redis-ca-file", "needs a rediss:// --redis-url"));
+                }
                 Some(RedisConfig {
                     url: Secret::new(url),
+                    ca_file: args.redis_ca_file,
                     timeout: args.redis_timeout,
                 })
             }
@@ -359,12 +397,51 @@ impl Config {
             (None, None) => None,
         };
 
+        let grpc_tls = match (
+            args.grpc_tls_cert,
+            args.grpc_tls_key,
+            args.grpc_tls_client_ca,
+        ) {
+            (Some(cert), Some(key), client_ca) => Some(GrpcTls {
+                cert,
+                key,
+                client_ca,
+            }),
+            (None, None, None) => None,
+            (None, None, Some(_)) => {
+                return Err(invalid(
+                    "--grpc-tls-client-ca",
+                    "needs --grpc-tls-cert and --grpc-tls-key",
+                ));
+            }
+            (Some(_), None, _) => {
+                return Err(invalid(
+                    "--grpc-tls-key",
+                    "is required with --grpc-tls-cert",
+                ));
+            }
+            (None, Some(_), _) => {
+                return Err(invalid(
+                    "--grpc-tls-cert",
+                    "is required with --grpc-tls-key",
+                ));
+            }
+        };
+        if args.idp_ca_file.is_some() && url.starts_with("http://") {
+            return Err(invalid(
+                "--idp-ca-file",
+                "needs an https:// --introspection-url",
+            ));
+        }
+
         Ok(Config {
             grpc_listen: args.grpc_listen,
+            grpc_tls,
             admin_listen: args.admin_listen,
             admin_grpc,
             introspection: IntrospectionConfig {
                 url,
+                ca_file: args.idp_ca_file,
                 client_id,
                 client_secret,
                 mode: args.introspection_mode,

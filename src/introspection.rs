@@ -127,15 +127,26 @@ pub struct HttpIntrospector {
 }
 
 impl HttpIntrospector {
+    /// `ca_pem`: when given, the only CAs trusted for the IdP's certificate.
     pub fn new(
         url: &str,
+        ca_pem: Option<&[u8]>,
         client_id: &str,
         client_secret: &Secret,
         mode: IntrospectionMode,
         timeout: Duration,
     ) -> Result<Self, String> {
         let url = reqwest::Url::parse(url).map_err(|e| format!("--introspection-url: {e}"))?;
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if let Some(pem) = ca_pem {
+            let roots = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| format!("--idp-ca-file: {e}"))?;
+            if roots.is_empty() {
+                return Err("--idp-ca-file: no PEM certificate found".into());
+            }
+            builder = builder.tls_certs_only(roots);
+        }
+        let client = builder
             // The credentials must never travel to wherever a redirect points.
             .redirect(reqwest::redirect::Policy::none())
             .timeout(timeout)

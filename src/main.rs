@@ -10,12 +10,13 @@ use clap::Parser as _;
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use phantom_authz::authorizer::{Authorizer, Ttls};
 use phantom_authz::cache::SharedCache;
 use phantom_authz::cache::local::LocalCache;
 use phantom_authz::cache::redis::RedisCache;
-use phantom_authz::config::{Args, Config, LogFormat, Secret, SecretSource};
+use phantom_authz::config::{Args, Config, GrpcTls, LogFormat, Secret, SecretSource};
 use phantom_authz::decision::Responder;
 use phantom_authz::introspection::HttpIntrospector;
 use phantom_authz::introspection::guard::Guarded;
@@ -71,8 +72,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
         SecretSource::Value(secret) => secret.clone(),
         SecretSource::File(path) => read_secret(path)?,
     };
+    let idp_ca = read_file(config.introspection.ca_file.as_deref(), "--idp-ca-file")?;
     let idp = HttpIntrospector::new(
         &config.introspection.url,
+        idp_ca.as_deref(),
         &config.introspection.client_id,
         &client_secret,
         config.introspection.mode,
@@ -83,7 +86,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
     let redis = match &config.redis {
         Some(redis) => {
-            Some(RedisCache::new(&redis.url, redis.timeout).map_err(anyhow::Error::msg)?)
+            let ca = read_file(redis.ca_file.as_deref(), "--redis-ca-file")?;
+            Some(RedisCache::new(&redis.url, ca, redis.timeout).map_err(anyhow::Error::msg)?)
         }
         None => None,
     };
@@ -110,6 +114,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         config.max_token_length,
     );
 
+    let grpc_tls = config.grpc_tls.as_ref().map(grpc_tls).transpose()?;
     let grpc_listener = TcpListener::bind(config.grpc_listen)
         .await
         .with_context(|| format!("--grpc-listen: cannot bind {}", config.grpc_listen))?;
@@ -185,7 +190,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
     };
     tokio::select! {
-        result = server::serve_grpc(grpc_listener, service, health, health_service, stopped(drain_rx, true)) => {
+        result = server::serve_grpc(grpc_listener, service, health, health_service, grpc_tls, stopped(drain_rx, true)) => {
             result.context("serving gRPC")?;
         }
         () = drain_deadline => {
@@ -219,6 +224,24 @@ async fn terminated() {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
+}
+
+/// Reads an optional start-up file, naming its flag when that fails.
+fn read_file(path: Option<&std::path::Path>, flag: &str) -> anyhow::Result<Option<Vec<u8>>> {
+    path.map(|path| {
+        std::fs::read(path).with_context(|| format!("{flag}: cannot read {}", path.display()))
+    })
+    .transpose()
+}
+
+fn grpc_tls(tls: &GrpcTls) -> anyhow::Result<ServerTlsConfig> {
+    let cert = read_file(Some(&tls.cert), "--grpc-tls-cert")?.unwrap_or_default();
+    let key = read_file(Some(&tls.key), "--grpc-tls-key")?.unwrap_or_default();
+    let mut config = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+    if let Some(ca) = read_file(tls.client_ca.as_deref(), "--grpc-tls-client-ca")? {
+        config = config.client_ca_root(Certificate::from_pem(ca));
+    }
+    Ok(config)
 }
 
 /// The admin API's bearer secret: long enough not to be guessed.

@@ -93,6 +93,14 @@ fn describe() {
          (a notice from any replica, this one included)."
     );
     describe_gauge!(
+        CIRCUIT_STATE,
+        "IdP circuit breaker: 0 closed, 1 open (failing fast), 2 half-open (probing)."
+    );
+    describe_counter!(
+        INTROSPECTIONS_REJECTED,
+        "Introspections refused before calling the IdP, by reason (circuit_open|overloaded)."
+    );
+    describe_gauge!(
         BUILD_INFO,
         "Always 1; the version label names the running build."
     );

@@ -111,13 +111,18 @@ pub async fn serve_grpc(
     health_service: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     health
         .set_serving::<AuthorizationServer<CheckService>>()
         .await;
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
         .add_service(health_service)
         .add_service(AuthorizationServer::new(service))
         .serve_with_incoming_shutdown(incoming, shutdown)
@@ -131,7 +136,7 @@ pub struct Readiness {
     pub serving: Arc<AtomicBool>,
     /// The Redis tier's health, when there is one. A failing Redis degrades, never unreadies:
     /// Checks still work through introspection.
-    pub redis: Option<Arc<AtomicBool>>,
+    pub redis: Option<Arc<crate::cache::redis::RedisHealth>>,
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown` resolves.
@@ -174,7 +179,7 @@ fn ready(readiness: &Readiness) -> impl IntoResponse + use<> {
     let serving = readiness.serving.load(Ordering::Relaxed);
     let redis = match &readiness.redis {
         None => "disabled",
-        Some(healthy) if healthy.load(Ordering::Relaxed) => "up",
+        Some(health) if health.is_up() => "up",
         Some(_) => "degraded",
     };
     let status = if serving {

@@ -238,12 +238,21 @@ async fn redis_down_falls_back_to_introspection() {
         allowed(&service, "tok").await;
     }
     assert_eq!(idp.calls(), 3);
+    // The first failure marks Redis down; later Checks skip it instead of paying the timeout.
     assert!(
         service
             .metric("phantom_authz_redis_errors_total", &[])
             .await
-            >= 3.0
+            >= 1.0
     );
+    let errors = [("tier", "redis"), ("result", "error")];
+    assert_eq!(
+        service
+            .metric("phantom_authz_cache_lookups_total", &errors)
+            .await,
+        3.0
+    );
+    assert_eq!(service.metric("phantom_authz_redis_up", &[]).await, 0.0);
     let (status, body) = service.admin_get("/readyz").await;
     assert_eq!(status, 200);
     assert!(body.contains("\"redis\":\"degraded\""), "{body}");

@@ -45,7 +45,18 @@ fn curity(mode: &'static str) -> impl Fn(&Seen) -> Reply + Send + Sync + 'static
 
 async fn start(mode: &'static str) -> (Idp, Service) {
     let idp = Idp::start(curity(mode)).await;
-    let service = Service::start(&idp.url(), mode, &["--introspection-timeout", "500ms"]);
+    // The circuit breaker would turn a run of IdP failures into 503s: these tests are about
+    // how each single answer maps, so it is off here (tests/faults.rs covers it).
+    let service = Service::start(
+        &idp.url(),
+        mode,
+        &[
+            "--introspection-timeout",
+            "500ms",
+            "--circuit-failure-threshold",
+            "0",
+        ],
+    );
     (idp, service)
 }
 

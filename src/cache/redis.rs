@@ -9,7 +9,7 @@
 //! replica subscribes (see [`crate::revocation`]).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
@@ -38,20 +38,102 @@ pub struct RedisCache {
     /// The client the connection came from, for the eviction subscriber's own connection.
     client: Client,
     timeout: Duration,
-    healthy: Arc<AtomicBool>,
+    healthy: Arc<RedisHealth>,
+}
+
+/// Whether Redis answers, and when to try it again while it does not.
+///
+/// After [`FAILURES_TO_SKIP`] failed commands in a row, Checks skip Redis for [`RETRY_AFTER`]
+/// instead of each paying the command timeout; then one command probes it. A single failure
+/// does not count: the first command on a connection Redis dropped fails while the client
+/// reconnects. Transitions are logged once, not per Check.
+#[derive(Debug, Default)]
+pub struct RedisHealth {
+    down: AtomicBool,
+    failures: AtomicU32,
+    retry_at_ms: AtomicU64,
+}
+
+/// Consecutive failed commands after which Redis is skipped.
+pub const FAILURES_TO_SKIP: u32 = 2;
+
+/// How long Redis is skipped after a failure before one command probes it again.
+pub const RETRY_AFTER: Duration = Duration::from_millis(500);
+
+impl RedisHealth {
+    /// Whether the last command succeeded; `/readyz` reports it.
+    pub fn is_up(&self) -> bool {
+        !self.down.load(Ordering::Relaxed)
+    }
+
+    /// Whether a command may go to Redis now: always while up; while down, one probe per
+    /// [`RETRY_AFTER`].
+    fn admit(&self) -> bool {
+        if self.is_up() {
+            return true;
+        }
+        let now = now_ms();
+        let retry_at = self.retry_at_ms.load(Ordering::Relaxed);
+        now >= retry_at
+            && self
+                .retry_at_ms
+                .compare_exchange(
+                    retry_at,
+                    now + RETRY_AFTER.as_millis() as u64,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+    }
+
+    fn record(&self, error: Option<&CacheError>) {
+        match error {
+            None => {
+                self.failures.store(0, Ordering::Relaxed);
+                if self.down.swap(false, Ordering::Relaxed) {
+                    tracing::info!("redis answers again; shared cache back in use");
+                }
+            }
+            Some(error) => {
+                if self.failures.fetch_add(1, Ordering::Relaxed) + 1 < FAILURES_TO_SKIP {
+                    return;
+                }
+                self.retry_at_ms
+                    .store(now_ms() + RETRY_AFTER.as_millis() as u64, Ordering::Relaxed);
+                if !self.down.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(%error, "redis unavailable; introspecting until it answers again");
+                }
+            }
+        }
+    }
 }
 
 impl RedisCache {
     /// Prepares a lazily connected, self-reconnecting client: Redis may be down at start-up.
-    pub fn new(url: &Secret, timeout: Duration) -> Result<Self, String> {
+    /// `ca_pem`: CAs for a rediss:// server's certificate instead of the system roots.
+    pub fn new(url: &Secret, ca_pem: Option<Vec<u8>>, timeout: Duration) -> Result<Self, String> {
         // The URL may carry a password: errors name the flag, never the value.
         let info = url
             .expose()
             .into_connection_info()
             .map_err(|_| "--redis-url: not a valid redis:// or rediss:// URL".to_string())?;
         let info = info.set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
-        let client = Client::open(info)
-            .map_err(|_| "--redis-url: cannot build a Redis client".to_string())?;
+        let client = match ca_pem {
+            Some(pem) => Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                },
+            ),
+            None => Client::open(info),
+        }
+        .map_err(|e| {
+            format!(
+                "--redis-url: cannot build a Redis client ({})",
+                e.kind_name()
+            )
+        })?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout.max(Duration::from_millis(250))))
             .set_response_timeout(Some(timeout))
@@ -64,12 +146,12 @@ impl RedisCache {
             connection,
             client,
             timeout,
-            healthy: Arc::new(AtomicBool::new(true)),
+            healthy: Arc::new(RedisHealth::default()),
         })
     }
 
-    /// Whether the last command succeeded; `/readyz` reports it.
-    pub fn health(&self) -> Arc<AtomicBool> {
+    /// Whether Redis answers; `/readyz` reports it.
+    pub fn health(&self) -> Arc<RedisHealth> {
         self.healthy.clone()
     }
 
@@ -93,9 +175,12 @@ impl KindName for redis::RedisError {
 async fn timed<T>(
     op: &'static str,
     timeout: Duration,
-    healthy: &AtomicBool,
+    healthy: &RedisHealth,
     command: impl Future<Output = redis::RedisResult<T>>,
 ) -> Result<T, CacheError> {
+    if !healthy.admit() {
+        return Err(CacheError::Skipped);
+    }
     let started = Instant::now();
     let result = match tokio::time::timeout(timeout, command).await {
         Ok(Ok(value)) => Ok(value),
@@ -104,7 +189,7 @@ async fn timed<T>(
         Err(_) => Err(CacheError::Timeout),
     };
     metrics::redis_command(op, started.elapsed(), result.is_ok());
-    healthy.store(result.is_ok(), Ordering::Relaxed);
+    healthy.record(result.as_ref().err());
     result
 }
 

@@ -244,7 +244,8 @@ impl Redis {
     }
 
     pub fn start_on(port: u16) -> Redis {
-        let child = Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        command
             .args([
                 "--port",
                 &port.to_string(),
@@ -256,9 +257,8 @@ impl Redis {
                 "no",
             ])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (the README's test command installs it)");
+            .stderr(Stdio::null());
+        let child = spawn_tied(&mut command);
         let redis = Redis { port, child };
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -293,6 +293,33 @@ impl Redis {
 impl Drop for Redis {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Spawns `command` so that it dies with the test process, even if the test is killed.
+pub fn spawn_tied(command: &mut Command) -> Child {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: prctl is async-signal-safe and touches only the child being started.
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    command
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {:?}: {e}", command.get_program()))
+}
+
+/// Kills a child that never made it into its owner (a failed start-up).
+struct ChildGuard(Option<Child>);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -346,8 +373,8 @@ impl Service {
         for (k, v) in env {
             command.env(k, v);
         }
-        let mut child = command.spawn().expect("phantom-authz binary");
-        let stderr = child.stderr.take().unwrap();
+        let mut child = ChildGuard(Some(spawn_tied(&mut command)));
+        let stderr = child.0.as_mut().unwrap().stderr.take().unwrap();
         let log = Arc::new(Mutex::new(String::new()));
         let (tx, rx) = std::sync::mpsc::channel();
         let sink = log.clone();
@@ -373,7 +400,7 @@ impl Service {
         Service {
             grpc,
             admin,
-            child,
+            child: child.0.take().unwrap(),
             log,
         }
     }

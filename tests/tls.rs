@@ -1,0 +1,351 @@
+//! Transport security with certificates generated at test time: HTTPS to the IdP through a
+//! private CA, TLS and mTLS on the gRPC listener, and `rediss://` to a TLS `redis-server`.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
+};
+use redis::AsyncCommands;
+use tokio::net::TcpListener;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+/// A private CA with a server certificate (localhost, 127.0.0.1) and a client certificate,
+/// written as PEM files in a temporary directory.
+struct Pki {
+    dir: tempfile::TempDir,
+    server_cert: rcgen::Certificate,
+    server_key: KeyPair,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "phantom-authz test CA");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+
+        let server_key = KeyPair::generate().unwrap();
+        let server_cert = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
+            .unwrap()
+            .signed_by(&server_key, &ca)
+            .unwrap();
+        std::fs::write(dir.path().join("server.pem"), server_cert.pem()).unwrap();
+        std::fs::write(dir.path().join("server.key"), server_key.serialize_pem()).unwrap();
+
+        let client_key = KeyPair::generate().unwrap();
+        let mut client_params = CertificateParams::new(vec!["envoy".into()]).unwrap();
+        client_params
+            .distinguished_name
+            .push(DnType::CommonName, "envoy");
+        let client_cert = client_params.signed_by(&client_key, &ca).unwrap();
+        std::fs::write(dir.path().join("client.pem"), client_cert.pem()).unwrap();
+        std::fs::write(dir.path().join("client.key"), client_key.serialize_pem()).unwrap();
+
+        // A second, unrelated CA: its certificates must be refused.
+        let mut other = CertificateParams::new(Vec::<String>::new()).unwrap();
+        other.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let other = CertifiedIssuer::self_signed(other, KeyPair::generate().unwrap()).unwrap();
+        std::fs::write(dir.path().join("other-ca.pem"), other.pem()).unwrap();
+        Pki {
+            dir,
+            server_cert,
+            server_key,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn arg(&self, name: &str) -> String {
+        self.path(name).to_str().unwrap().to_owned()
+    }
+
+    fn read(&self, name: &str) -> Vec<u8> {
+        std::fs::read(self.path(name)).unwrap()
+    }
+}
+
+/// Terminates TLS with the test server certificate and relays plaintext to `backend`.
+async fn tls_front(pki: &Pki, backend: std::net::SocketAddr) -> std::net::SocketAddr {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(pki.server_key.serialize_der().into());
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![pki.server_cert.der().clone()], key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let Ok(mut plain) = tokio::net::TcpStream::connect(backend).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    addr
+}
+
+async fn jwt_idp() -> Idp {
+    Idp::start(|s| Reply::jwt(&make_jwt(&s.token, Some(unix_now() + 600), 0))).await
+}
+
+#[tokio::test]
+async fn https_idp_behind_a_private_ca() {
+    let pki = Pki::new();
+    let idp = jwt_idp().await;
+    let front = tls_front(&pki, idp.addr).await;
+    let url = format!(
+        "https://localhost:{}/oauth/v2/oauth-introspect",
+        front.port()
+    );
+
+    let trusted = Service::start(&url, "jwt", &["--idp-ca-file", &pki.arg("ca.pem")]);
+    let mut client = trusted.client().await;
+    assert_eq!(
+        check(&mut client, bearer_request("tok-1"))
+            .await
+            .http_status,
+        200
+    );
+    assert_eq!(idp.calls(), 1);
+
+    // Another CA, or the system roots, do not vouch for this IdP: nothing is sent to it.
+    for extra in [vec!["--idp-ca-file", &pki.arg("other-ca.pem")], vec![]] {
+        let untrusted = Service::start(&url, "jwt", &extra);
+        let mut client = untrusted.client().await;
+        assert_eq!(
+            check(&mut client, bearer_request("tok-2"))
+                .await
+                .http_status,
+            503
+        );
+    }
+    assert_eq!(idp.calls(), 1);
+}
+
+async fn tls_client(
+    service: &Service,
+    pki: &Pki,
+    with_identity: bool,
+) -> Result<AuthorizationClient<tonic::transport::Channel>, tonic::transport::Error> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(pki.read("ca.pem")))
+        .domain_name("localhost");
+    if with_identity {
+        tls = tls.identity(Identity::from_pem(
+            pki.read("client.pem"),
+            pki.read("client.key"),
+        ));
+    }
+    let channel = Endpoint::from_shared(format!("https://127.0.0.1:{}", service.grpc.port()))?
+        .tls_config(tls)?
+        .connect()
+        .await?;
+    Ok(AuthorizationClient::new(channel))
+}
+
+#[tokio::test]
+async fn grpc_listener_speaks_tls_and_requires_client_certificates() {
+    let pki = Pki::new();
+    let idp = jwt_idp().await;
+    let service = Service::start(
+        &idp.url(),
+        "jwt",
+        &[
+            "--grpc-tls-cert",
+            &pki.arg("server.pem"),
+            "--grpc-tls-key",
+            &pki.arg("server.key"),
+            "--grpc-tls-client-ca",
+            &pki.arg("ca.pem"),
+        ],
+    );
+    let mut client = tls_client(&service, &pki, true).await.unwrap();
+    assert_eq!(
+        check(&mut client, bearer_request("tok")).await.http_status,
+        200
+    );
+
+    // Without a client certificate the handshake or the call fails: no answer either way.
+    let refused = match tls_client(&service, &pki, false).await {
+        Err(_) => true,
+        Ok(mut client) => client.check(bearer_request("tok")).await.is_err(),
+    };
+    assert!(refused, "a client without a certificate was answered");
+
+    // Plaintext gRPC gets nothing either.
+    let plaintext = match AuthorizationClient::connect(format!("http://{}", service.grpc)).await {
+        Err(_) => true,
+        Ok(mut client) => client.check(bearer_request("tok")).await.is_err(),
+    };
+    assert!(plaintext, "a plaintext client was answered");
+}
+
+#[test]
+fn tls_flags_are_checked() {
+    let run = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_phantom-authz"))
+            .args([
+                "--introspection-url",
+                "https://idp.example/introspect",
+                "--client-id",
+                "gw",
+                "--client-secret",
+                "hunter2-secret",
+            ])
+            .args(args)
+            .env_clear()
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{args:?}");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    assert!(run(&["--grpc-tls-cert", "/x.pem"]).contains("--grpc-tls-key"));
+    assert!(run(&["--grpc-tls-client-ca", "/ca.pem"]).contains("--grpc-tls-client-ca"));
+    assert!(
+        run(&[
+            "--redis-url",
+            "redis://r:6379",
+            "--redis-ca-file",
+            "/ca.pem"
+        ])
+        .contains("--redis-ca-file")
+    );
+    assert!(
+        run(&[
+            "--grpc-tls-cert",
+            "/missing.pem",
+            "--grpc-tls-key",
+            "/missing.key"
+        ])
+        .contains("--grpc-tls-cert")
+    );
+    assert!(run(&["--idp-ca-file", "/missing-ca.pem"]).contains("--idp-ca-file"));
+}
+
+/// A `redis-server` that only speaks TLS, on a free port.
+struct TlsRedis {
+    port: u16,
+    child: Child,
+}
+
+impl TlsRedis {
+    fn start(pki: &Pki) -> TlsRedis {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                "0",
+                "--tls-port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .args(["--tls-cert-file", &pki.arg("server.pem")])
+            .args(["--tls-key-file", &pki.arg("server.key")])
+            .args(["--tls-ca-cert-file", &pki.arg("ca.pem")])
+            .args([
+                "--tls-auth-clients",
+                "no",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for_port(port);
+        TlsRedis { port, child }
+    }
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_for_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "port {port} never opened");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[tokio::test]
+async fn rediss_with_a_private_ca_is_shared_between_instances() {
+    let pki = Pki::new();
+    let redis = TlsRedis::start(&pki);
+    let idp = jwt_idp().await;
+    let url = format!("rediss://localhost:{}", redis.port);
+    let ca = pki.arg("ca.pem");
+    let flags = [
+        "--redis-url",
+        url.as_str(),
+        "--redis-ca-file",
+        ca.as_str(),
+        "--local-cache-ttl",
+        "0",
+    ];
+    let a = Service::start(&idp.url(), "jwt", &flags);
+    let b = Service::start(&idp.url(), "jwt", &flags);
+    let mut client_a = a.client().await;
+    assert_eq!(
+        check(&mut client_a, bearer_request("shared"))
+            .await
+            .http_status,
+        200
+    );
+
+    let client = redis::Client::build_with_tls(
+        url.as_str(),
+        redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pki.read("ca.pem")),
+        },
+    )
+    .unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(3), async || {
+            let keys: Vec<String> = conn.keys("phantom-authz:*").await.unwrap();
+            !keys.is_empty()
+        })
+        .await,
+        "the entry never reached Redis over TLS"
+    );
+    let mut client_b = b.client().await;
+    assert_eq!(
+        check(&mut client_b, bearer_request("shared"))
+            .await
+            .http_status,
+        200
+    );
+    assert_eq!(idp.calls(), 1);
+}
