@@ -9,15 +9,24 @@ use clap::{Parser, ValueEnum};
 
 pub use crate::introspection::guard::GuardConfig;
 
-/// Command-line flags. Every flag is also read from `PHANTOM_AUTHZ_<FLAG>`.
+/// Command-line flags. Every flag is also read from `PHANTOM_AUTHZ_<FLAG>` and, with
+/// `--config`, from a TOML file; flags win over the environment, which wins over the file.
 #[derive(Parser)]
 #[command(
     name = "phantom-authz",
     version,
+    args_override_self = true,
     about = "Envoy ext_authz service for the phantom token pattern: swaps opaque access tokens \
-             for JWTs through OAuth introspection, with a shared Redis cache."
+             for JWTs through OAuth introspection, with a shared Redis cache.",
+    after_help = "`phantom-authz check-config [FLAGS]` validates the configuration, reads every \
+                  file it names, prints the effective settings with secrets masked and exits."
 )]
 pub struct Args {
+    /// TOML file of settings, keyed by flag name without the dashes
+    /// (`introspection-url = "https://…"`, `local-cache-max-entries = 50000`).
+    #[arg(long, env = "PHANTOM_AUTHZ_CONFIG")]
+    pub config: Option<PathBuf>,
+
     /// Address of the ext_authz gRPC listener (also serves grpc.health.v1).
     #[arg(
         long,
@@ -267,11 +276,32 @@ pub struct AdminGrpcConfig {
 }
 
 /// The shared cache.
-#[derive(Debug)]
 pub struct RedisConfig {
     pub url: Secret,
     pub ca_file: Option<PathBuf>,
     pub timeout: Duration,
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &masked_url(self.url.expose()))
+            .field("ca_file", &self.ca_file)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// A URL with any userinfo (`user:password@`) replaced by `***@`.
+fn masked_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "***".to_string();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+        None => url.to_string(),
+    }
 }
 
 /// A configuration mistake, naming the flag and never a secret's value.
@@ -504,6 +534,47 @@ fn validate_realm(realm: &str) -> Result<(), ConfigError> {
     }
 }
 
+/// Turns a `--config` TOML document into flags placed before the command line's, so that
+/// command-line flags override them. Keys whose environment variable is set (`env_is_set`) are
+/// left out: the environment wins over the file. Unknown keys are errors.
+pub fn file_args(
+    text: &str,
+    env_is_set: impl Fn(&str) -> bool,
+) -> Result<Vec<String>, ConfigError> {
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        invalid("--config", format!("not valid TOML: {}", e.message()))
+    })?;
+    let command = <Args as clap::CommandFactory>::command();
+    let mut args = Vec::new();
+    for (key, value) in table {
+        let flag = command
+            .get_arguments()
+            .find(|arg| arg.get_long() == Some(key.as_str()) && key != "config")
+            .ok_or_else(|| invalid("--config", format!("unknown setting `{key}`")))?;
+        if flag
+            .get_env()
+            .and_then(|env| env.to_str())
+            .is_some_and(&env_is_set)
+        {
+            continue;
+        }
+        let value = match value {
+            toml::Value::String(text) => text,
+            toml::Value::Integer(n) => n.to_string(),
+            toml::Value::Float(n) => n.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            _ => {
+                return Err(invalid(
+                    "--config",
+                    format!("`{key}` must be a string, number or boolean"),
+                ));
+            }
+        };
+        args.push(format!("--{key}={value}"));
+    }
+    Ok(args)
+}
+
 /// Parses `500ms`, `20s`, `5m`, `1h 30m`, or `0`.
 pub fn parse_duration(value: &str) -> Result<Duration, String> {
     if value.trim() == "0" {
@@ -597,6 +668,42 @@ mod tests {
     }
 
     #[test]
+    fn config_file_sits_below_environment_and_flags() {
+        let file = r#"
+            introspection-url = "https://idp.example/introspect"
+            client-id = "from-file"
+            client-secret = "file-secret"
+            local-cache-max-entries = 5000
+            redis-timeout = "80ms"
+            realm = "from-file"
+        "#;
+        let env_has_realm = |name: &str| name == "PHANTOM_AUTHZ_REALM";
+        let mut argv = vec!["phantom-authz".to_string()];
+        argv.extend(file_args(file, env_has_realm).unwrap());
+        argv.extend(["--client-id".to_string(), "from-flag".to_string()]);
+        let args = Args::try_parse_from(argv).unwrap();
+        assert_eq!(args.client_id.as_deref(), Some("from-flag"));
+        assert_eq!(args.local_cache_max_entries, 5000);
+        assert_eq!(args.redis_timeout, Duration::from_millis(80));
+        // The environment's realm wins over the file's: the file's value was left out.
+        assert_ne!(args.realm, "from-file");
+        let config = Config::from_args(args).unwrap();
+        assert!(!format!("{config:?}").contains("file-secret"));
+    }
+
+    #[test]
+    fn config_file_mistakes_name_the_setting() {
+        let no_env = |_: &str| false;
+        let err = file_args("introspection_url = \"x\"", no_env).unwrap_err();
+        assert!(err.to_string().contains("introspection_url"), "{err}");
+        assert!(file_args("realm = [1, 2]", no_env).is_err());
+        assert!(file_args("config = \"/etc/other.toml\"", no_env).is_err());
+        let err = file_args("client-secret = \"unterminated", no_env).unwrap_err();
+        assert_eq!(err.flag, "--config");
+        assert!(!err.to_string().contains("unterminated"), "{err}");
+    }
+
+    #[test]
     fn durations_take_human_forms() {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("20s"), Ok(Duration::from_secs(20)));
@@ -659,5 +766,8 @@ mod tests {
         let printed = format!("{config:?}");
         assert!(!printed.contains("s3cr3t-value"), "{printed}");
         assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(printed.contains("redis://***@cache:6379"), "{printed}");
+        assert_eq!(masked_url("rediss://r:6380/0"), "rediss://r:6380/0");
+        assert_eq!(masked_url("redis://u:p@w@r:1/0"), "redis://***@r:1/0");
     }
 }

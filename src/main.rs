@@ -1,6 +1,7 @@
 //! phantom-authz: parse configuration, set up logging and metrics, build the service, serve,
 //! and drain on SIGTERM.
 
+use std::ffi::OsString;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,7 +17,7 @@ use phantom_authz::authorizer::{Authorizer, Ttls};
 use phantom_authz::cache::SharedCache;
 use phantom_authz::cache::local::LocalCache;
 use phantom_authz::cache::redis::RedisCache;
-use phantom_authz::config::{Args, Config, GrpcTls, LogFormat, Secret, SecretSource};
+use phantom_authz::config::{Args, Config, GrpcTls, LogFormat, Secret, SecretSource, file_args};
 use phantom_authz::decision::Responder;
 use phantom_authz::introspection::HttpIntrospector;
 use phantom_authz::introspection::guard::Guarded;
@@ -24,13 +25,30 @@ use phantom_authz::revocation::{self, AdminGuard, AdminService};
 use phantom_authz::server::{self, CheckService, Readiness};
 
 fn main() -> ExitCode {
-    let config = match Config::from_args(Args::parse()) {
+    let mut argv: Vec<OsString> = std::env::args_os().collect();
+    let check_only = argv.get(1).is_some_and(|arg| arg == "check-config");
+    if check_only {
+        argv.remove(1);
+    }
+    let config = match load_config(argv) {
         Ok(config) => config,
         Err(error) => {
-            eprintln!("phantom-authz: configuration error: {error}");
+            eprintln!("phantom-authz: configuration error: {error:#}");
             return ExitCode::from(2);
         }
     };
+    if check_only {
+        return match check_files(&config) {
+            Ok(()) => {
+                println!("configuration OK\n{config:#?}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("phantom-authz: configuration error: {error:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
     init_logging(config.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -47,6 +65,42 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Flags, environment, then `--config`'s file beneath both; validated.
+fn load_config(argv: Vec<OsString>) -> anyhow::Result<Config> {
+    let args = Args::try_parse_from(&argv).unwrap_or_else(|e| e.exit());
+    let args = match &args.config {
+        None => args,
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--config: cannot read {}", path.display()))?;
+            let from_file = file_args(&text, |name| std::env::var_os(name).is_some())?;
+            let mut merged = vec![argv[0].clone()];
+            merged.extend(from_file.into_iter().map(OsString::from));
+            merged.extend(argv.into_iter().skip(1));
+            Args::try_parse_from(merged).unwrap_or_else(|e| e.exit())
+        }
+    };
+    Ok(Config::from_args(args)?)
+}
+
+/// Reads every file the configuration names, as start-up would, without serving.
+fn check_files(config: &Config) -> anyhow::Result<()> {
+    if let SecretSource::File(path) = &config.introspection.client_secret {
+        read_secret(path)?;
+    }
+    read_file(config.introspection.ca_file.as_deref(), "--idp-ca-file")?;
+    if let Some(redis) = &config.redis {
+        read_file(redis.ca_file.as_deref(), "--redis-ca-file")?;
+    }
+    if let Some(tls) = &config.grpc_tls {
+        grpc_tls(tls)?;
+    }
+    if let Some(admin) = &config.admin_grpc {
+        read_admin_token(&admin.token_file)?;
+    }
+    Ok(())
 }
 
 fn init_logging(format: LogFormat) {

@@ -317,3 +317,97 @@ async fn client_secret_file_is_read_and_trimmed() {
     );
     assert_eq!(seen[0].authorization.as_deref(), Some(expected.as_str()));
 }
+
+#[tokio::test]
+async fn a_config_file_sits_beneath_environment_and_flags() {
+    let idp = Idp::start(|s| Reply::jwt(&make_jwt(&s.token, Some(unix_now() + 60), 0))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("phantom-authz.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "introspection-url = \"{}\"\nclient-id = \"{CLIENT_ID}\"\nrealm = \"from-file\"\n\
+             introspection-mode = \"json\"\ngrpc-listen = \"127.0.0.1:1\"\n",
+            idp.url()
+        ),
+    )
+    .unwrap();
+    // The flags given here override the file's listen address and mode; the secret comes from
+    // the environment.
+    let service = Service::spawn(
+        &[
+            "--config",
+            path.to_str().unwrap(),
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--introspection-mode",
+            "jwt",
+        ],
+        &[("PHANTOM_AUTHZ_CLIENT_SECRET", CLIENT_SECRET)],
+    );
+    let mut client = service.client().await;
+    assert_eq!(
+        check(&mut client, bearer_request("tok")).await.http_status,
+        200
+    );
+    assert_eq!(idp.seen()[0].accept.as_deref(), Some("application/jwt"));
+    let verdict = check(&mut client, check_request(&[])).await;
+    assert_eq!(
+        verdict.header("www-authenticate"),
+        Some("Bearer realm=\"from-file\"")
+    );
+}
+
+#[test]
+fn check_config_validates_and_prints_with_secrets_masked() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "hunter2-secret\n").unwrap();
+    let config = dir.path().join("phantom-authz.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "introspection-url = \"https://idp.example/introspect\"\nclient-id = \"gw\"\n\
+             client-secret-file = \"{}\"\nredis-url = \"redis://:redis-password@cache:6379\"\n",
+            secret.display()
+        ),
+    )
+    .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_phantom-authz"))
+        .args(["check-config", "--config", config.to_str().unwrap()])
+        .env_clear()
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("configuration OK"), "{stdout}");
+    assert!(
+        stdout.contains("https://idp.example/introspect"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("redis://***@cache:6379"), "{stdout}");
+    assert!(
+        !stdout.contains("hunter2") && !stdout.contains("redis-password"),
+        "{stdout}"
+    );
+
+    // A file it names that cannot be read fails the check, naming the flag.
+    std::fs::remove_file(&secret).unwrap();
+    let (code, stderr) = run_binary(&["check-config", "--config", config.to_str().unwrap()], &[]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--client-secret-file"), "{stderr}");
+    // So does a mistake in the file itself.
+    std::fs::write(&config, "introspection_url = \"x\"\n").unwrap();
+    let (code, stderr) = run_binary(&["check-config", "--config", config.to_str().unwrap()], &[]);
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("--config") && stderr.contains("introspection_url"),
+        "{stderr}"
+    );
+}
