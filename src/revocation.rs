@@ -169,7 +169,11 @@ fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     std::hint::black_box(difference) == 0
 }
 
+/// The admin API's descriptors, for reflection; encoded by the build script.
+const ADMIN_DESCRIPTORS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/admin_descriptor.bin"));
+
 /// Serves the admin API on `listener`, every call behind `guard`, until `shutdown` resolves.
+/// Reflection describes the API's schema (not guarded: it reveals no data).
 pub async fn serve(
     listener: TcpListener,
     service: AdminService,
@@ -180,6 +184,7 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .timeout(ADMIN_CALL_TIMEOUT)
         .add_service(AdminServer::with_interceptor(service, guard))
+        .add_optional_service(crate::server::reflection(&[ADMIN_DESCRIPTORS]))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }

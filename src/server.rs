@@ -124,9 +124,37 @@ pub async fn serve_grpc(
     }
     builder
         .add_service(health_service)
+        .add_optional_service(reflection(&[EXT_AUTHZ_DESCRIPTORS, HEALTH_DESCRIPTORS]))
         .add_service(AuthorizationServer::new(service))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
+}
+
+/// Envoy's ext_authz API, encoded by the build script from the protos `envoy-types` ships.
+const EXT_AUTHZ_DESCRIPTORS: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/envoy_ext_authz_descriptor.bin"));
+
+const HEALTH_DESCRIPTORS: &[u8] = tonic_health::pb::FILE_DESCRIPTOR_SET;
+
+/// gRPC server reflection (v1) for the given encoded descriptor sets (empty ones are skipped),
+/// so `grpcurl` needs no proto files.
+pub fn reflection(
+    descriptor_sets: &[&'static [u8]],
+) -> Option<
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+> {
+    descriptor_sets
+        .iter()
+        .filter(|set| !set.is_empty())
+        .fold(
+            tonic_reflection::server::Builder::configure(),
+            |builder, set| builder.register_encoded_file_descriptor_set(set),
+        )
+        .build_v1()
+        .inspect_err(|error| tracing::error!(%error, "gRPC reflection unavailable"))
+        .ok()
 }
 
 /// What `/readyz` reports.
