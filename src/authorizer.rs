@@ -6,12 +6,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::OnceCell;
+use tracing::Instrument as _;
 
 use crate::cache::local::LocalCache;
 use crate::cache::{CacheError, CachedJwt, Eviction, SharedCache, now_ms};
 use crate::decision::{AllowedJwt, Outcome, bearer};
 use crate::introspection::{ActiveToken, CacheDirective, IdpError, Introspect, Introspected};
 use crate::metrics::{self, Lookup, Tier};
+use crate::telemetry;
 use crate::token::{CacheKey, Token};
 
 /// How long entries live in each tier.
@@ -53,11 +55,12 @@ impl Authorizer {
     pub async fn authorize(&self, token: Token<'_>) -> Outcome {
         let key = CacheKey::of(token);
         if let Some(local) = &self.local {
-            if let Some(authorization) = local.get(&key) {
-                metrics::cache_lookup(Tier::Local, Lookup::Hit);
+            let span = telemetry::cache_span(Tier::Local);
+            if let Some(authorization) = span.in_scope(|| local.get(&key)) {
+                looked_up(&span, Tier::Local, Lookup::Hit);
                 return Outcome::Allow(AllowedJwt(authorization));
             }
-            metrics::cache_lookup(Tier::Local, Lookup::Miss);
+            looked_up(&span, Tier::Local, Lookup::Miss);
         }
         // Concurrent Checks of one token share a single Redis lookup and IdP call. If the
         // Check leading the flight is cancelled, a waiting one takes over.
@@ -71,25 +74,37 @@ impl Authorizer {
 
     async fn resolve(&self, key: CacheKey, token: Token<'_>) -> Outcome {
         if let Some(shared) = &self.shared {
-            match shared.get(&key, token).await {
+            let span = telemetry::cache_span(Tier::Redis);
+            match shared.get(&key, token).instrument(span.clone()).await {
                 Ok(Some(entry)) => {
-                    metrics::cache_lookup(Tier::Redis, Lookup::Hit);
+                    looked_up(&span, Tier::Redis, Lookup::Hit);
                     self.remember_locally(key, &entry);
                     return Outcome::Allow(AllowedJwt(entry.authorization));
                 }
-                Ok(None) => metrics::cache_lookup(Tier::Redis, Lookup::Miss),
+                Ok(None) => looked_up(&span, Tier::Redis, Lookup::Miss),
                 Err(CacheError::Corrupt) => {
-                    metrics::cache_lookup(Tier::Redis, Lookup::Invalid);
+                    looked_up(&span, Tier::Redis, Lookup::Invalid);
                     tracing::warn!(key = ?key, "redis entry failed to decrypt; introspecting");
                 }
                 Err(error) => {
                     // Outages are logged once by the Redis tier, not once per Check.
-                    metrics::cache_lookup(Tier::Redis, Lookup::Error);
+                    looked_up(&span, Tier::Redis, Lookup::Error);
                     tracing::debug!(%error, "redis lookup failed; introspecting");
                 }
             }
         }
-        match self.idp.introspect(token).await {
+        let span = telemetry::introspection_span();
+        let introspected = self.idp.introspect(token).instrument(span.clone()).await;
+        telemetry::record_introspection(
+            &span,
+            match &introspected {
+                Ok(Introspected::Active(_)) => "active",
+                Ok(Introspected::Inactive) => "inactive",
+                Err(error) => error.label(),
+            },
+        );
+        drop(span);
+        match introspected {
             Ok(Introspected::Active(active)) => self.admit(key, token, active),
             Ok(Introspected::Inactive) => Outcome::Inactive,
             Err(error) => {
@@ -181,6 +196,12 @@ pub fn cache_ttl(active: &ActiveToken, default: Duration, now_ms: u64) -> Option
         ));
     }
     Some(ttl)
+}
+
+/// Counts a cache lookup and records it on the lookup's span.
+fn looked_up(span: &tracing::Span, tier: Tier, result: Lookup) {
+    metrics::cache_lookup(tier, result);
+    telemetry::record_lookup(span, result);
 }
 
 /// Maps an introspection failure to what Envoy is told.

@@ -176,6 +176,13 @@ pub struct Args {
         default_value = "text"
     )]
     pub log_format: LogFormat,
+
+    /// OTLP/gRPC collector to export OpenTelemetry traces to (http:// or https://, e.g.
+    /// http://otel-collector:4317): a span per Check, continuing the caller's W3C
+    /// `traceparent`. Off unless given. The standard OTEL_BSP_* and OTEL_TRACES_SAMPLER
+    /// variables tune batching and sampling.
+    #[arg(long, env = "PHANTOM_AUTHZ_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// How the identity server is asked for the JWT.
@@ -236,6 +243,8 @@ pub struct Config {
     pub realm: String,
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
+    /// Where traces go; `None`: no exporter, spans stay disabled.
+    pub otlp_endpoint: Option<String>,
 }
 
 /// TLS on the gRPC listener; files are read at start-up.
@@ -457,6 +466,7 @@ impl Config {
                 ));
             }
         };
+        let otlp_endpoint = args.otlp_endpoint.map(validate_otlp_endpoint).transpose()?;
         if args.idp_ca_file.is_some() && url.starts_with("http://") {
             return Err(invalid(
                 "--idp-ca-file",
@@ -493,6 +503,7 @@ impl Config {
             realm: args.realm,
             shutdown_grace: args.shutdown_grace,
             log_format: args.log_format,
+            otlp_endpoint,
         })
     }
 }
@@ -516,6 +527,26 @@ fn validate_http_url(url: &str) -> Result<(), ConfigError> {
         return Err(invalid("--introspection-url", "contains whitespace"));
     }
     Ok(())
+}
+
+/// The collector's address: http or https, a host, no credentials, no whitespace.
+fn validate_otlp_endpoint(url: String) -> Result<String, ConfigError> {
+    let flag = "--otlp-endpoint";
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| invalid(flag, "must start with http:// or https://"))?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.is_empty() {
+        return Err(invalid(flag, "has no host"));
+    }
+    if authority.contains('@') {
+        return Err(invalid(flag, "must not carry credentials"));
+    }
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(invalid(flag, "contains whitespace"));
+    }
+    Ok(url)
 }
 
 /// The realm goes inside a quoted-string in `WWW-Authenticate`.
@@ -757,6 +788,27 @@ mod tests {
             ];
             let err = Config::from_args(Args::try_parse_from(argv).unwrap()).unwrap_err();
             assert_eq!(err.flag, "--introspection-url", "{bad}");
+        }
+    }
+
+    #[test]
+    fn otlp_endpoint_is_off_by_default_and_checked() {
+        assert_eq!(args(&[]).unwrap().otlp_endpoint, None);
+        let config = args(&["--otlp-endpoint", "http://collector:4317"]).unwrap();
+        assert_eq!(
+            config.otlp_endpoint.as_deref(),
+            Some("http://collector:4317")
+        );
+        assert!(args(&["--otlp-endpoint", "https://collector.example:4317"]).is_ok());
+        for bad in [
+            "collector:4317",
+            "grpc://collector:4317",
+            "http://",
+            "http://u:p@collector:4317",
+            "http://collector :4317",
+        ] {
+            let err = args(&["--otlp-endpoint", bad]).unwrap_err();
+            assert_eq!(err.flag, "--otlp-endpoint", "{bad}");
         }
     }
 

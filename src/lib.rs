@@ -11,7 +11,8 @@
 //! - [`decision`]: the one place where outcomes become HTTP statuses, gRPC codes and headers. Pure.
 //!
 //! Around them: [`config`] turns flags and environment into plain validated types,
-//! [`metrics`] names every metric the service records, and [`revocation`] serves the admin gRPC
+//! [`metrics`] names every metric the service records, [`telemetry`] exports OpenTelemetry
+//! spans of each Check when `--otlp-endpoint` is given, and [`revocation`] serves the admin gRPC
 //! API that evicts a revoked token from every replica's caches, through Redis pub/sub.
 
 pub mod authorizer;
@@ -22,4 +23,5 @@ pub mod introspection;
 pub mod metrics;
 pub mod revocation;
 pub mod server;
+pub mod telemetry;
 pub mod token;

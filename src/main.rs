@@ -23,6 +23,7 @@ use phantom_authz::introspection::HttpIntrospector;
 use phantom_authz::introspection::guard::Guarded;
 use phantom_authz::revocation::{self, AdminGuard, AdminService};
 use phantom_authz::server::{self, CheckService, Readiness};
+use phantom_authz::telemetry::{self, Telemetry};
 
 fn main() -> ExitCode {
     let mut argv: Vec<OsString> = std::env::args_os().collect();
@@ -49,7 +50,6 @@ fn main() -> ExitCode {
             }
         };
     }
-    init_logging(config.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -57,7 +57,25 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
+    // The OTLP exporter's gRPC channel lives on the runtime, so it is built inside it.
+    let telemetry = match config.otlp_endpoint.as_deref().map(|endpoint| {
+        let _entered = runtime.enter();
+        Telemetry::start(endpoint)
+    }) {
+        None => None,
+        Some(Ok(telemetry)) => Some(telemetry),
+        Some(Err(error)) => {
+            eprintln!("phantom-authz: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    init_logging(config.log_format, telemetry.as_ref());
+    let result = runtime.block_on(run(config));
+    // Spans still queued are exported while the runtime that carries the exporter lives on.
+    if let Some(telemetry) = telemetry {
+        telemetry.shutdown();
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error:#}");
@@ -103,17 +121,30 @@ fn check_files(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+/// Log lines to stderr, filtered by `RUST_LOG`; with `--otlp-endpoint`, spans to the collector
+/// too. Span targets are the telemetry layer's alone, so log lines are the same either way.
+fn init_logging(format: LogFormat, telemetry: Option<&Telemetry>) {
+    use tracing_subscriber::filter::{FilterExt as _, filter_fn};
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::{EnvFilter, Layer as _};
+
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+        .and(filter_fn(|metadata| {
+            metadata.target() != telemetry::SPAN_TARGET
+        }));
+    let logs = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    let logs = match format {
+        LogFormat::Text => logs.boxed(),
+        LogFormat::Json => logs.json().boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(logs.with_filter(filter))
+        .with(telemetry.map(Telemetry::layer))
+        .init();
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {

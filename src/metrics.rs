@@ -149,18 +149,24 @@ pub enum Lookup {
     Invalid,
 }
 
+impl Lookup {
+    /// The bounded label for metrics and spans.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lookup::Hit => "hit",
+            Lookup::Miss => "miss",
+            Lookup::Error => "error",
+            Lookup::Invalid => "invalid",
+        }
+    }
+}
+
 pub fn cache_lookup(tier: Tier, result: Lookup) {
     let tier = match tier {
         Tier::Local => "local",
         Tier::Redis => "redis",
     };
-    let result = match result {
-        Lookup::Hit => "hit",
-        Lookup::Miss => "miss",
-        Lookup::Error => "error",
-        Lookup::Invalid => "invalid",
-    };
-    counter!(CACHE_LOOKUPS, "tier" => tier, "result" => result).increment(1);
+    counter!(CACHE_LOOKUPS, "tier" => tier, "result" => result.as_str()).increment(1);
 }
 
 /// One introspection call finished; `result` is a bounded label from the introspection module.

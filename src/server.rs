@@ -18,10 +18,12 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
 
 use crate::authorizer::Authorizer;
 use crate::decision::{Outcome, Responder};
 use crate::metrics;
+use crate::telemetry;
 use crate::token;
 
 /// The ext_authz service: extracts the token, asks the authorizer, answers Envoy.
@@ -57,7 +59,22 @@ impl Authorization for CheckService {
     ) -> Result<Response<CheckResponse>, Status> {
         let started = Instant::now();
         let request = request.into_inner();
-        let outcome = self.decide(&request).await;
+        let span = tracing::info_span!(
+            target: telemetry::SPAN_TARGET,
+            "check",
+            otel.name = "envoy.service.auth.v3.Authorization/Check",
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            rpc.system = "grpc",
+            "http.request.header.x-request-id" = request_id(&request),
+            authz.decision = tracing::field::Empty,
+            authz.reason = tracing::field::Empty,
+            http.response.status_code = tracing::field::Empty,
+        );
+        telemetry::continue_trace(&span, &request);
+        let outcome = self.decide(&request).instrument(span.clone()).await;
+        telemetry::record_outcome(&span, &outcome);
+        drop(span);
         metrics::check_finished(&outcome, started.elapsed());
         if tracing::enabled!(tracing::Level::DEBUG) {
             tracing::debug!(
