@@ -91,30 +91,8 @@ impl Authorization for CheckService {
 
 /// Envoy's `x-request-id`, for correlating logs; bounded in length and printable only.
 fn request_id(request: &CheckRequest) -> &str {
-    request
-        .attributes
-        .as_ref()
-        .and_then(|a| a.request.as_ref())
-        .and_then(|r| r.http.as_ref())
-        .and_then(|http| {
-            http.headers
-                .get("x-request-id")
-                .map(String::as_str)
-                .or_else(|| {
-                    http.header_map.as_ref().and_then(|map| {
-                        map.headers
-                            .iter()
-                            .find(|h| h.key.eq_ignore_ascii_case("x-request-id"))
-                            .and_then(|h| {
-                                if h.raw_value.is_empty() {
-                                    Some(h.value.as_str())
-                                } else {
-                                    std::str::from_utf8(&h.raw_value).ok()
-                                }
-                            })
-                    })
-                })
-        })
+    token::http_request(request)
+        .and_then(|http| token::header(http, "x-request-id"))
         .filter(|id| id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()))
         .unwrap_or("-")
 }

@@ -116,12 +116,7 @@ pub fn continue_trace(span: &Span, request: &CheckRequest) {
     if span.is_disabled() {
         return;
     }
-    let Some(http) = request
-        .attributes
-        .as_ref()
-        .and_then(|a| a.request.as_ref())
-        .and_then(|r| r.http.as_ref())
-    else {
+    let Some(http) = crate::token::http_request(request) else {
         return;
     };
     let parent = TraceContextPropagator::new().extract(&Headers(http));
@@ -188,24 +183,7 @@ struct Headers<'a>(&'a HttpRequest);
 
 impl Extractor for Headers<'_> {
     fn get(&self, key: &str) -> Option<&str> {
-        if let Some(map) = self.0.header_map.as_ref().filter(|m| !m.headers.is_empty()) {
-            let header = map
-                .headers
-                .iter()
-                .find(|h| h.key.eq_ignore_ascii_case(key))?;
-            return if header.raw_value.is_empty() {
-                Some(header.value.as_str())
-            } else {
-                std::str::from_utf8(&header.raw_value).ok()
-            };
-        }
-        self.0.headers.get(key).map(String::as_str).or_else(|| {
-            self.0
-                .headers
-                .iter()
-                .find(|(name, _)| name.eq_ignore_ascii_case(key))
-                .map(|(_, value)| value.as_str())
-        })
+        crate::token::header(self.0, key)
     }
 
     fn keys(&self) -> Vec<&str> {

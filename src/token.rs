@@ -45,14 +45,40 @@ pub enum TokenProblem {
 /// Finds the bearer token in Envoy's request attributes, in either header encoding:
 /// `headers` (a map of lowercase names) or, with `encode_raw_headers: true`, `header_map`.
 pub fn bearer_token(request: &CheckRequest, max_len: usize) -> Result<Token<'_>, TokenProblem> {
-    let http = request
+    let http = http_request(request).ok_or(TokenProblem::Missing)?;
+    let value = authorization_header(http)?.ok_or(TokenProblem::Missing)?;
+    parse_bearer(value, max_len)
+}
+
+/// The HTTP request a Check is about, if Envoy sent one.
+pub fn http_request(request: &CheckRequest) -> Option<&HttpRequest> {
+    request
         .attributes
         .as_ref()
         .and_then(|a| a.request.as_ref())
         .and_then(|r| r.http.as_ref())
-        .ok_or(TokenProblem::Missing)?;
-    let value = authorization_header(http)?.ok_or(TokenProblem::Missing)?;
-    parse_bearer(value, max_len)
+}
+
+/// The first value of the header `name` (any case) in whichever encoding Envoy used; a raw
+/// value that is not UTF-8 counts as absent. For headers that are not credentials.
+pub fn header<'a>(http: &'a HttpRequest, name: &str) -> Option<&'a str> {
+    if let Some(map) = http.header_map.as_ref().filter(|m| !m.headers.is_empty()) {
+        let header = map
+            .headers
+            .iter()
+            .find(|h| h.key.eq_ignore_ascii_case(name))?;
+        return if header.raw_value.is_empty() {
+            Some(header.value.as_str())
+        } else {
+            std::str::from_utf8(&header.raw_value).ok()
+        };
+    }
+    http.headers.get(name).map(String::as_str).or_else(|| {
+        http.headers
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.as_str())
+    })
 }
 
 fn authorization_header(http: &HttpRequest) -> Result<Option<&str>, TokenProblem> {
@@ -321,6 +347,20 @@ mod tests {
         let req =
             request_with_headers(&[("authorization", "Bearer a"), ("Authorization", "Bearer b")]);
         assert_eq!(bearer_token(&req, 100), Err(TokenProblem::Malformed));
+    }
+
+    #[test]
+    fn other_headers_are_found_in_either_encoding() {
+        let req = request_with_headers(&[("X-Request-Id", "abc"), ("traceparent", "00-x")]);
+        let http = http_request(&req).unwrap();
+        assert_eq!(header(http, "x-request-id"), Some("abc"));
+        assert_eq!(header(http, "traceparent"), Some("00-x"));
+        assert_eq!(header(http, "missing"), None);
+        let req = request_with_raw(&[("x-request-id", b"raw-id"), ("bad", b"\xff")]);
+        let http = http_request(&req).unwrap();
+        assert_eq!(header(http, "X-REQUEST-ID"), Some("raw-id"));
+        assert_eq!(header(http, "bad"), None);
+        assert!(http_request(&CheckRequest::default()).is_none());
     }
 
     #[test]
