@@ -141,14 +141,29 @@ fn init_logging(format: LogFormat, telemetry: Option<&Telemetry>) {
         LogFormat::Text => logs.boxed(),
         LogFormat::Json => logs.json().boxed(),
     };
-    tracing_subscriber::registry()
-        .with(logs.with_filter(filter))
-        .with(telemetry.map(Telemetry::layer))
-        .init();
+    let registry = tracing_subscriber::registry().with(logs.with_filter(filter));
+    // No `Option` layer when tracing is off: an absent `Option` layer counts as interested in
+    // every callsite, which would keep the per-Check spans alive (and paid for) with nobody
+    // listening. Left out, they are disabled where they are created.
+    match telemetry {
+        Some(telemetry) => registry.with(telemetry.layer()).init(),
+        None => registry.init(),
+    }
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
     let metrics = phantom_authz::metrics::install().context("installing the metrics recorder")?;
+    // Histogram samples queue up until drained: without this they would grow without bound
+    // between scrapes (or forever, on a replica nobody scrapes).
+    let upkeep = metrics.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
     rustls::crypto::ring::default_provider()
         .install_default()
         .map_err(|_| anyhow::anyhow!("installing the TLS crypto provider"))?;
