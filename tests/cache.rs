@@ -24,6 +24,20 @@ async fn idp_with(cache_control: Option<&'static str>, exp_in: u64) -> Idp {
     .await
 }
 
+/// Waits for the entry the service writes to Redis after answering; returns Redis's keys.
+async fn written_keys(conn: &mut redis::aio::MultiplexedConnection) -> Vec<String> {
+    let mut keys: Vec<String> = Vec::new();
+    assert!(
+        eventually(Duration::from_secs(2), async || {
+            keys = conn.keys("*").await.unwrap();
+            !keys.is_empty()
+        })
+        .await,
+        "the entry never reached Redis"
+    );
+    keys
+}
+
 async fn allowed(service: &Service, token: &str) -> String {
     let mut client = service.client().await;
     let verdict = check(&mut client, bearer_request(token)).await;
@@ -64,14 +78,7 @@ async fn ttl_comes_from_max_age_and_lives_in_redis() {
     let jwt = allowed(&service, "opaque-token-1").await;
     let mut conn = redis.connection().await;
     // The write happens after the answer; wait for it.
-    let mut keys: Vec<String> = Vec::new();
-    assert!(
-        eventually(Duration::from_secs(2), async || {
-            keys = conn.keys("*").await.unwrap();
-            !keys.is_empty()
-        })
-        .await
-    );
+    let keys = written_keys(&mut conn).await;
     assert_eq!(keys.len(), 1);
     let key = &keys[0];
     assert!(key.starts_with("phantom-authz:v1:"), "{key}");
@@ -159,13 +166,7 @@ async fn two_instances_share_one_introspection_through_redis() {
     let b = Service::start(&idp.url(), "jwt", &["--redis-url", &redis.url()]);
     let from_a = allowed(&a, "shared-token").await;
     let mut conn = redis.connection().await;
-    assert!(
-        eventually(Duration::from_secs(2), async || {
-            let keys: Vec<String> = conn.keys("*").await.unwrap();
-            !keys.is_empty()
-        })
-        .await
-    );
+    written_keys(&mut conn).await;
     let from_b = allowed(&b, "shared-token").await;
     assert_eq!(from_a, from_b);
     assert_eq!(
@@ -194,14 +195,7 @@ async fn a_planted_redis_value_is_a_miss_not_an_allow() {
     );
     allowed(&service, "victim").await;
     let mut conn = redis.connection().await;
-    let mut keys: Vec<String> = Vec::new();
-    assert!(
-        eventually(Duration::from_secs(2), async || {
-            keys = conn.keys("*").await.unwrap();
-            !keys.is_empty()
-        })
-        .await
-    );
+    let keys = written_keys(&mut conn).await;
     // Someone with write access to Redis replaces the value with their own JWT.
     let _: () = conn
         .set(
