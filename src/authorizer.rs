@@ -1,38 +1,57 @@
-//! The flow of one Check once a token is in hand: local cache, Redis, then at most one
-//! introspection per token at a time, and the TTL under which an allow is remembered.
+//! The flow of one Check once a token is in hand: local cache, then one flight per token
+//! (Redis, then the IdP), and the TTL under which an answer is remembered.
+//!
+//! A flight runs as a task of its own, not inside the Check that started it: Envoy cancels a
+//! Check at its deadline, and the introspection goes on to its end anyway (bounded by the
+//! IdP client's timeout), is counted by the guard and the metrics, and fills the caches, so the
+//! retry is a hit instead of another call to a slow IdP.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::OnceCell;
+use tokio::sync::watch;
 use tracing::Instrument as _;
 
-use crate::cache::local::LocalCache;
+use crate::cache::local::{Generation, LocalCache};
 use crate::cache::{CacheError, CachedJwt, Eviction, SharedCache, now_ms};
-use crate::decision::{AllowedJwt, Outcome, bearer};
+use crate::decision::{AllowedJwt, Authorization, Outcome, bearer};
 use crate::introspection::{ActiveToken, CacheDirective, IdpError, Introspect, Introspected};
 use crate::metrics::{self, Lookup, Tier};
 use crate::telemetry;
-use crate::token::{CacheKey, Token};
+use crate::token::{CacheKey, OwnedToken, Token};
 
-/// How long entries live in each tier.
+/// How long entries live in each tier, and how long a Check waits.
 #[derive(Clone, Copy, Debug)]
 pub struct Ttls {
     /// Used when the IdP sends no `max-age`.
     pub default: Duration,
+    /// No entry lives longer, whatever the IdP says.
+    pub max: Duration,
     /// Cap on in-process entries while Redis is the source of truth; `None` without Redis,
     /// where the in-process tier is the only cache and keeps entries for their whole TTL.
     pub local_cap: Option<Duration>,
+    /// How long a token the IdP called inactive is answered 401 without asking again; zero
+    /// turns the negative cache off.
+    pub inactive: Duration,
+    /// Longest a Check waits for its flight; it then gets 503 while the flight goes on.
+    pub check_timeout: Duration,
 }
+
+/// Most inactive tokens remembered at once; a flood of distinct tokens displaces old ones.
+const INACTIVE_MAX_ENTRIES: usize = 50_000;
+
+/// A flight's answer, once there is one.
+type Answer = watch::Receiver<Option<Outcome>>;
 
 /// Answers Checks for tokens: owns the cache tiers and the identity server client.
 pub struct Authorizer {
     local: Option<LocalCache>,
+    inactive: Option<LocalCache>,
     shared: Option<Arc<dyn SharedCache>>,
     idp: Arc<dyn Introspect>,
     ttls: Ttls,
-    flights: Mutex<HashMap<CacheKey, Arc<OnceCell<Outcome>>>>,
+    flights: Mutex<HashMap<CacheKey, Answer>>,
 }
 
 impl Authorizer {
@@ -42,8 +61,13 @@ impl Authorizer {
         idp: Arc<dyn Introspect>,
         ttls: Ttls,
     ) -> Self {
+        let inactive = (!ttls.inactive.is_zero()).then(|| {
+            LocalCache::new(INACTIVE_MAX_ENTRIES, INACTIVE_MAX_ENTRIES as u64 * 128)
+                .without_gauges()
+        });
         Self {
             local,
+            inactive,
             shared,
             idp,
             ttls,
@@ -52,7 +76,7 @@ impl Authorizer {
     }
 
     /// Decides for one bearer token.
-    pub async fn authorize(&self, token: Token<'_>) -> Outcome {
+    pub async fn authorize(self: &Arc<Self>, token: Token<'_>) -> Outcome {
         let key = CacheKey::of(token);
         if let Some(local) = &self.local {
             let span = telemetry::cache_span(Tier::Local);
@@ -62,29 +86,82 @@ impl Authorizer {
             }
             looked_up(&span, Tier::Local, Lookup::Miss);
         }
-        // Concurrent Checks of one token share a single Redis lookup and IdP call. If the
-        // Check leading the flight is cancelled, a waiting one takes over.
-        let flight = Flight::join(&self.flights, key);
-        flight
-            .cell
-            .get_or_init(|| self.resolve(key, token))
-            .await
-            .clone()
+        if let Some(inactive) = &self.inactive {
+            if inactive.get(&key).is_some() {
+                metrics::cache_lookup(Tier::Inactive, Lookup::Hit);
+                return Outcome::Inactive;
+            }
+            metrics::cache_lookup(Tier::Inactive, Lookup::Miss);
+        }
+        let mut answer = self.flight(key, token);
+        let waited =
+            tokio::time::timeout(self.ttls.check_timeout, answer.wait_for(Option::is_some));
+        match waited.await {
+            Ok(Ok(outcome)) => outcome.clone().unwrap_or(Outcome::IdpUnexpected),
+            Ok(Err(_)) => {
+                // The flight's task ended without an answer: it panicked. Never an allow.
+                tracing::error!(key = ?key, "introspection task failed");
+                Outcome::IdpUnexpected
+            }
+            Err(_) => {
+                tracing::debug!(key = ?key, "check timed out waiting for introspection");
+                Outcome::IdpUnavailable
+            }
+        }
     }
 
-    async fn resolve(&self, key: CacheKey, token: Token<'_>) -> Outcome {
+    /// Joins the flight under way for `key`, or starts one. Concurrent Checks of one token share
+    /// a single Redis lookup and IdP call, and its answer, errors included.
+    fn flight(self: &Arc<Self>, key: CacheKey, token: Token<'_>) -> Answer {
+        let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(answer) = flights.get(&key) {
+            return answer.clone();
+        }
+        let (tx, answer) = watch::channel(None);
+        flights.insert(key, answer.clone());
+        drop(flights);
+        // Read before the flight's first lookup: an eviction after this point keeps the
+        // flight's result out of the in-process tier.
+        let since = self.local.as_ref().map(LocalCache::generation);
+        let authorizer = Arc::clone(self);
+        let token = OwnedToken::of(token);
+        let landed = answer.clone();
+        tokio::spawn(
+            async move {
+                let outcome = authorizer.resolve(key, token.borrow(), since).await;
+                let _ = tx.send(Some(outcome));
+                authorizer.land(key, &landed);
+            }
+            .instrument(tracing::Span::current()),
+        );
+        answer
+    }
+
+    /// Removes a finished flight, unless an eviction already replaced it with a newer one.
+    fn land(&self, key: CacheKey, answer: &Answer) {
+        let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
+        if flights.get(&key).is_some_and(|f| f.same_channel(answer)) {
+            flights.remove(&key);
+        }
+    }
+
+    async fn resolve(&self, key: CacheKey, token: Token<'_>, since: Option<Generation>) -> Outcome {
         if let Some(shared) = &self.shared {
             let span = telemetry::cache_span(Tier::Redis);
             match shared.get(&key, token).instrument(span.clone()).await {
                 Ok(Some(entry)) => {
                     looked_up(&span, Tier::Redis, Lookup::Hit);
-                    self.remember_locally(key, &entry);
+                    self.remember_locally(since, key, &entry);
                     return Outcome::Allow(AllowedJwt(entry.authorization));
                 }
                 Ok(None) => looked_up(&span, Tier::Redis, Lookup::Miss),
                 Err(CacheError::Corrupt) => {
                     looked_up(&span, Tier::Redis, Lookup::Invalid);
-                    tracing::warn!(key = ?key, "redis entry failed to decrypt; introspecting");
+                    tracing::warn!(
+                        key = ?key,
+                        "redis entry failed to open or to pass the checks of an IdP answer; \
+                         introspecting"
+                    );
                 }
                 Err(error) => {
                     // Outages are logged once by the Redis tier, not once per Check.
@@ -105,8 +182,13 @@ impl Authorizer {
         );
         drop(span);
         match introspected {
-            Ok(Introspected::Active(active)) => self.admit(key, token, active),
-            Ok(Introspected::Inactive) => Outcome::Inactive,
+            Ok(Introspected::Active(active)) => self.admit(since, key, token, active),
+            Ok(Introspected::Inactive) => {
+                if let Some(inactive) = &self.inactive {
+                    inactive.put(key, Authorization::from(""), self.ttls.inactive);
+                }
+                Outcome::Inactive
+            }
             Err(error) => {
                 tracing::warn!(%error, "introspection failed");
                 idp_failure(&error)
@@ -115,20 +197,27 @@ impl Authorizer {
     }
 
     /// Turns an active answer into an allow, and caches it for as long as it may be.
-    fn admit(&self, key: CacheKey, token: Token<'_>, active: ActiveToken) -> Outcome {
+    fn admit(
+        &self,
+        since: Option<Generation>,
+        key: CacheKey,
+        token: Token<'_>,
+        active: ActiveToken,
+    ) -> Outcome {
         let now_ms = now_ms();
-        let Some(ttl) = cache_ttl(&active, self.ttls.default, now_ms) else {
+        let Some(ttl) = cache_ttl(&active, self.ttls.default, self.ttls.max, now_ms) else {
             tracing::warn!("identity server vouched for an expired JWT; denying");
             return Outcome::ExpiredJwt;
         };
         let entry = CachedJwt {
             authorization: bearer(&active.jwt),
-            expires_at_ms: now_ms + ttl.as_millis() as u64,
+            expires_at_ms: now_ms.saturating_add(ttl.as_millis() as u64),
         };
         if !ttl.is_zero() {
-            self.remember_locally(key, &entry);
-            if let Some(shared) = &self.shared {
-                // The write does not delay the answer; its failure is counted inside.
+            let fresh = self.remember_locally(since, key, &entry);
+            if let Some(shared) = self.shared.as_ref().filter(|_| fresh) {
+                // The write does not delay the answer; its failure is counted inside. An
+                // eviction that lands first leaves a tombstone the write does not overwrite.
                 let write = shared.put(&key, token, &entry, ttl);
                 tokio::spawn(async move {
                     if let Err(error) = write.await {
@@ -140,49 +229,86 @@ impl Authorizer {
         Outcome::Allow(AllowedJwt(entry.authorization))
     }
 
-    fn remember_locally(&self, key: CacheKey, entry: &CachedJwt) {
-        let Some(local) = &self.local else { return };
+    /// Keeps an entry in process unless an eviction came after `since`; returns false when one
+    /// did (the value may be stale, so it goes nowhere else either).
+    fn remember_locally(
+        &self,
+        since: Option<Generation>,
+        key: CacheKey,
+        entry: &CachedJwt,
+    ) -> bool {
+        let Some(local) = &self.local else {
+            return true;
+        };
         let remaining = entry.remaining(now_ms());
         let ttl = match self.ttls.local_cap {
             Some(cap) => remaining.min(cap),
             None => remaining,
         };
-        local.put(key, entry.authorization.clone(), ttl);
+        match since {
+            Some(since) => {
+                local.put_since(since, key, entry.authorization.clone(), ttl)
+                    || local.generation() == since
+            }
+            None => {
+                local.put(key, entry.authorization.clone(), ttl);
+                true
+            }
+        }
     }
 
-    /// Drops a token's in-process entry.
+    /// Drops a token's in-process entry, refuses results of lookups already under way, and
+    /// detaches its flight so that later Checks start a new one.
     pub fn forget_locally(&self, key: &CacheKey) {
         if let Some(local) = &self.local {
             local.remove(key);
         }
+        self.flights
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
     }
 
-    /// Drops every in-process entry, for when evictions may have been missed.
+    /// Drops every in-process entry and flight, for when evictions may have been missed.
     pub fn forget_all_locally(&self) {
         if let Some(local) = &self.local {
             local.clear();
         }
+        self.flights
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     /// Revokes a token's cached allow: here first, so this replica stops serving it even when
-    /// Redis fails, then in Redis and, through it, on every replica.
+    /// Redis fails; then in Redis and, through it, on every replica; then here again, for a
+    /// lookup that read Redis before the eviction reached it.
     pub async fn evict(&self, key: &CacheKey) -> Result<Eviction, CacheError> {
         self.forget_locally(key);
-        match &self.shared {
+        let eviction = match &self.shared {
             Some(shared) => shared.evict(key).await,
             None => Ok(Eviction::default()),
-        }
+        };
+        self.forget_locally(key);
+        eviction
     }
 }
 
 /// The TTL for an active answer: `max-age` or the default, never past the JWT's or the
-/// response's `exp`. `None` when the JWT has already expired; zero means do not cache.
-pub fn cache_ttl(active: &ActiveToken, default: Duration, now_ms: u64) -> Option<Duration> {
+/// response's `exp`, nor past `max`. `None` when the JWT has already expired; zero means do
+/// not cache.
+pub fn cache_ttl(
+    active: &ActiveToken,
+    default: Duration,
+    max: Duration,
+    now_ms: u64,
+) -> Option<Duration> {
     let mut ttl = match active.cache {
         CacheDirective::Unspecified => default,
         CacheDirective::MaxAge(max_age) => max_age,
         CacheDirective::DoNotCache => Duration::ZERO,
     };
+    ttl = ttl.min(max);
     if let Some(exp) = active.jwt_exp {
         let exp_ms = exp.saturating_mul(1000);
         if exp_ms <= now_ms {
@@ -215,40 +341,6 @@ pub fn idp_failure(error: &IdpError) -> Outcome {
         IdpError::Status(401 | 403 | 404 | 500..=502 | 504..=599) => Outcome::IdpRejected,
         IdpError::Status(_) => Outcome::IdpUnexpected,
         IdpError::BadResponse(_) => Outcome::IdpBadResponse,
-    }
-}
-
-/// A Check's place in the flight for its token; leaving removes the flight once it is done.
-struct Flight<'a> {
-    flights: &'a Mutex<HashMap<CacheKey, Arc<OnceCell<Outcome>>>>,
-    key: CacheKey,
-    cell: Arc<OnceCell<Outcome>>,
-}
-
-impl<'a> Flight<'a> {
-    fn join(flights: &'a Mutex<HashMap<CacheKey, Arc<OnceCell<Outcome>>>>, key: CacheKey) -> Self {
-        let cell = flights
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(key)
-            .or_default()
-            .clone();
-        Self { flights, key, cell }
-    }
-}
-
-impl Drop for Flight<'_> {
-    fn drop(&mut self) {
-        let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(current) = flights.get(&self.key) else {
-            return;
-        };
-        // Remove a finished flight (later Checks find the caches filled), or an abandoned one
-        // that nobody else holds; never one that others still wait on.
-        let ours = Arc::ptr_eq(current, &self.cell);
-        if ours && (self.cell.initialized() || Arc::strong_count(&self.cell) <= 2) {
-            flights.remove(&self.key);
-        }
     }
 }
 
@@ -288,16 +380,30 @@ mod tests {
         }
     }
 
-    fn authorizer(idp: Arc<ScriptedIdp>) -> Authorizer {
-        Authorizer::new(
+    fn ttls() -> Ttls {
+        Ttls {
+            default: Duration::from_secs(300),
+            max: Duration::from_secs(600),
+            local_cap: None,
+            inactive: Duration::ZERO,
+            check_timeout: Duration::from_secs(60),
+        }
+    }
+
+    fn authorizer(idp: Arc<ScriptedIdp>) -> Arc<Authorizer> {
+        Arc::new(Authorizer::new(
             Some(LocalCache::new(100, 1 << 20)),
             None,
             idp,
-            Ttls {
-                default: Duration::from_secs(300),
-                local_cap: None,
-            },
-        )
+            ttls(),
+        ))
+    }
+
+    /// Waits until every flight has landed (they land just after answering).
+    async fn landed(authorizer: &Authorizer) {
+        while !authorizer.flights.lock().unwrap().is_empty() {
+            tokio::task::yield_now().await;
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -310,7 +416,7 @@ mod tests {
                 None,
             ))),
         });
-        let authorizer = Arc::new(authorizer(idp.clone()));
+        let authorizer = authorizer(idp.clone());
         let tasks: Vec<_> = (0..200)
             .map(|_| {
                 let authorizer = authorizer.clone();
@@ -326,7 +432,7 @@ mod tests {
             assert!(matches!(task.await.unwrap(), Outcome::Allow(_)));
         }
         assert_eq!(idp.calls.load(Ordering::SeqCst), 1);
-        assert!(authorizer.flights.lock().unwrap().is_empty());
+        landed(&authorizer).await;
     }
 
     #[tokio::test(start_paused = true)]
@@ -336,30 +442,135 @@ mod tests {
             delay: Duration::from_millis(5),
             answer: Err(IdpError::Status(503)),
         });
-        let authorizer = Arc::new(authorizer(idp.clone()));
+        let authorizer = authorizer(idp.clone());
         let header = "Bearer flaky".to_string();
         let token = parse_bearer(&header, 100).unwrap();
         let (a, b) = tokio::join!(authorizer.authorize(token), authorizer.authorize(token));
         assert_eq!((a, b), (Outcome::IdpUnavailable, Outcome::IdpUnavailable));
         assert_eq!(idp.calls.load(Ordering::SeqCst), 1);
+        landed(&authorizer).await;
         assert_eq!(authorizer.authorize(token).await, Outcome::IdpUnavailable);
         assert_eq!(idp.calls.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn abandoned_flight_is_cleaned_up() {
+    async fn a_cancelled_check_leaves_its_introspection_to_finish_and_fill_the_cache() {
         let idp = Arc::new(ScriptedIdp {
             calls: AtomicUsize::new(0),
-            delay: Duration::from_secs(10),
-            answer: Ok(Introspected::Inactive),
+            delay: Duration::from_millis(400),
+            answer: Ok(Introspected::Active(active(
+                CacheDirective::Unspecified,
+                None,
+            ))),
         });
         let authorizer = authorizer(idp.clone());
         let header = "Bearer slow".to_string();
         let token = parse_bearer(&header, 100).unwrap();
-        let timed_out =
-            tokio::time::timeout(Duration::from_millis(10), authorizer.authorize(token)).await;
-        assert!(timed_out.is_err());
-        assert!(authorizer.flights.lock().unwrap().is_empty());
+        // Envoy gives up on three Checks in a row, each after 200 ms…
+        for _ in 0..3 {
+            let cut =
+                tokio::time::timeout(Duration::from_millis(200), authorizer.authorize(token)).await;
+            if cut.is_ok() {
+                break;
+            }
+        }
+        landed(&authorizer).await;
+        // …yet the one introspection went on, and the next Check is a hit.
+        assert!(matches!(
+            authorizer.authorize(token).await,
+            Outcome::Allow(_)
+        ));
+        assert_eq!(idp.calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_check_stops_waiting_at_its_time_limit() {
+        let idp = Arc::new(ScriptedIdp {
+            calls: AtomicUsize::new(0),
+            delay: Duration::from_secs(3600),
+            answer: Ok(Introspected::Inactive),
+        });
+        let authorizer = Arc::new(Authorizer::new(
+            None,
+            None,
+            idp.clone(),
+            Ttls {
+                check_timeout: Duration::from_secs(1),
+                ..ttls()
+            },
+        ));
+        let header = "Bearer hung".to_string();
+        let token = parse_bearer(&header, 100).unwrap();
+        assert_eq!(authorizer.authorize(token).await, Outcome::IdpUnavailable);
+        assert_eq!(authorizer.authorize(token).await, Outcome::IdpUnavailable);
+        // Both Checks waited on the one flight.
+        assert_eq!(idp.calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_inactive_token_is_remembered_for_the_negative_ttl() {
+        let idp = Arc::new(ScriptedIdp {
+            calls: AtomicUsize::new(0),
+            delay: Duration::ZERO,
+            answer: Ok(Introspected::Inactive),
+        });
+        let authorizer = Arc::new(Authorizer::new(
+            Some(LocalCache::new(100, 1 << 20)),
+            None,
+            idp.clone(),
+            Ttls {
+                inactive: Duration::from_secs(10),
+                ..ttls()
+            },
+        ));
+        let header = "Bearer replayed".to_string();
+        let token = parse_bearer(&header, 100).unwrap();
+        for _ in 0..5 {
+            assert_eq!(authorizer.authorize(token).await, Outcome::Inactive);
+            landed(&authorizer).await;
+        }
+        assert_eq!(idp.calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_eviction_during_a_lookup_keeps_its_result_out_of_the_cache() {
+        let idp = Arc::new(ScriptedIdp {
+            calls: AtomicUsize::new(0),
+            delay: Duration::from_millis(500),
+            answer: Ok(Introspected::Active(active(
+                CacheDirective::Unspecified,
+                None,
+            ))),
+        });
+        let authorizer = authorizer(idp.clone());
+        let header = "Bearer revoked-mid-flight".to_string();
+        let token = parse_bearer(&header, 100).unwrap();
+        let key = CacheKey::of(token);
+        let in_flight = {
+            let authorizer = authorizer.clone();
+            tokio::spawn(async move {
+                let header = "Bearer revoked-mid-flight".to_string();
+                authorizer
+                    .authorize(parse_bearer(&header, 100).unwrap())
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(idp.calls.load(Ordering::SeqCst), 1);
+        authorizer.evict(&key).await.unwrap();
+        // A Check after the eviction does not join the old flight: it introspects anew.
+        let after = authorizer.authorize(token);
+        let (during, after) = tokio::join!(in_flight, after);
+        assert!(matches!(during.unwrap(), Outcome::Allow(_)));
+        assert!(matches!(after, Outcome::Allow(_)));
+        assert_eq!(idp.calls.load(Ordering::SeqCst), 2);
+        landed(&authorizer).await;
+        // The flight that began before the eviction cached nothing; the later one did.
+        assert!(matches!(
+            authorizer.authorize(token).await,
+            Outcome::Allow(_)
+        ));
+        assert_eq!(idp.calls.load(Ordering::SeqCst), 2);
     }
 
     /// A shared-cache double whose eviction always fails, as when Redis is down.
@@ -400,15 +611,15 @@ mod tests {
             ))),
         });
         let ttls = Ttls {
-            default: Duration::from_secs(300),
             local_cap: Some(Duration::from_secs(60)),
+            ..ttls()
         };
-        let with_redis = Authorizer::new(
+        let with_redis = Arc::new(Authorizer::new(
             Some(LocalCache::new(100, 1 << 20)),
             Some(Arc::new(DownCache)),
             idp.clone(),
             ttls,
-        );
+        ));
         let header = "Bearer revoked".to_string();
         let token = parse_bearer(&header, 100).unwrap();
         let key = CacheKey::of(token);
@@ -434,7 +645,8 @@ mod tests {
     fn ttl_rules() {
         let now = 1_000_000_000_000; // ms
         let default = Duration::from_secs(300);
-        let ttl = |cache, exp| cache_ttl(&active(cache, exp), default, now);
+        let max = Duration::from_secs(600);
+        let ttl = |cache, exp| cache_ttl(&active(cache, exp), default, max, now);
         assert_eq!(ttl(CacheDirective::Unspecified, None), Some(default));
         assert_eq!(
             ttl(CacheDirective::MaxAge(Duration::from_secs(60)), None),
@@ -457,7 +669,15 @@ mod tests {
         assert_eq!(ttl(CacheDirective::Unspecified, Some(now / 1000)), None);
         let mut json = active(CacheDirective::Unspecified, None);
         json.response_exp = Some(now / 1000 + 5);
-        assert_eq!(cache_ttl(&json, default, now), Some(Duration::from_secs(5)));
+        assert_eq!(
+            cache_ttl(&json, default, max, now),
+            Some(Duration::from_secs(5))
+        );
+        // An absurd max-age is capped, never overflowing.
+        assert_eq!(
+            ttl(CacheDirective::MaxAge(Duration::from_secs(u64::MAX)), None),
+            Some(max)
+        );
     }
 
     #[test]

@@ -97,9 +97,24 @@ pub struct Args {
     )]
     pub introspection_mode: IntrospectionMode,
 
-    /// Bound on one introspection call, connection included.
-    #[arg(long, env = "PHANTOM_AUTHZ_INTROSPECTION_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    /// Bound on one introspection call, connection included. An introspection runs to its end
+    /// even when Envoy gives up on the Check that started it (Envoy's ext_authz `timeout`, 200 ms
+    /// by default), so that the retry finds the answer cached: keep this above Envoy's timeout
+    /// and well below the time a client waits before retrying.
+    #[arg(long, env = "PHANTOM_AUTHZ_INTROSPECTION_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     pub introspection_timeout: Duration,
+
+    /// Longest a Check waits for its answer (Redis and introspection); past it the Check gets
+    /// 503 while the lookup goes on and fills the cache. Bounds callers that set no deadline.
+    #[arg(long, env = "PHANTOM_AUTHZ_CHECK_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub check_timeout: Duration,
+
+    /// How long a token the IdP called inactive is answered 401 by this replica without asking
+    /// the IdP again, so a replayed bad token costs one IdP call per interval. A token the IdP
+    /// wrongly calls inactive (replication lag just after issuance) stays refused that long. 0
+    /// turns it off.
+    #[arg(long, env = "PHANTOM_AUTHZ_INACTIVE_CACHE_TTL", default_value = "10s", value_parser = parse_duration)]
+    pub inactive_cache_ttl: Duration,
 
     /// Most introspection calls under way at once; excess Checks get 503 at once.
     #[arg(
@@ -138,6 +153,12 @@ pub struct Args {
     #[arg(long, env = "PHANTOM_AUTHZ_DEFAULT_CACHE_TTL", default_value = "300s", value_parser = parse_duration)]
     pub default_cache_ttl: Duration,
 
+    /// No cached allow lives longer than this, whatever the identity server's max-age or
+    /// --default-cache-ttl say: it bounds how long a token revoked without an eviction keeps
+    /// working.
+    #[arg(long, env = "PHANTOM_AUTHZ_MAX_CACHE_TTL", default_value = "5m", value_parser = parse_duration)]
+    pub max_cache_ttl: Duration,
+
     /// Longest time an in-process entry is trusted before Redis is asked again (with
     /// --redis-url); bounds how long another replica's eviction takes to show. 0 turns the
     /// in-process tier off when Redis is configured.
@@ -155,6 +176,20 @@ pub struct Args {
     /// Most JWT bytes held in the in-process cache (e.g. 256MiB, 64MB, 1048576).
     #[arg(long, env = "PHANTOM_AUTHZ_LOCAL_CACHE_MAX_BYTES", default_value = "256MiB", value_parser = parse_bytes)]
     pub local_cache_max_bytes: u64,
+
+    /// Most concurrent Checks on one HTTP/2 connection (SETTINGS_MAX_CONCURRENT_STREAMS).
+    #[arg(
+        long,
+        env = "PHANTOM_AUTHZ_GRPC_MAX_CONCURRENT_STREAMS",
+        default_value_t = 1024
+    )]
+    pub grpc_max_concurrent_streams: u32,
+
+    /// Largest CheckRequest accepted (e.g. 256KiB). A request without a body is a few KiB up to
+    /// Envoy's header limit (60 KiB by default); raise this if Envoy sends request bodies
+    /// (`with_request_body`).
+    #[arg(long, env = "PHANTOM_AUTHZ_GRPC_MAX_REQUEST_BYTES", default_value = "256KiB", value_parser = parse_bytes)]
+    pub grpc_max_request_bytes: u64,
 
     /// Longest access token accepted; longer ones are rejected without calling the IdP.
     #[arg(long, env = "PHANTOM_AUTHZ_MAX_TOKEN_LENGTH", default_value_t = 4096)]
@@ -240,11 +275,21 @@ pub struct Config {
     pub cache: CacheConfig,
     pub redis: Option<RedisConfig>,
     pub max_token_length: usize,
+    /// Longest a Check waits for its answer.
+    pub check_timeout: Duration,
+    pub grpc_limits: GrpcLimits,
     pub realm: String,
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
     /// Where traces go; `None`: no exporter, spans stay disabled.
     pub otlp_endpoint: Option<String>,
+}
+
+/// Bounds on what one ext_authz client may ask of the gRPC listener.
+#[derive(Debug, Clone, Copy)]
+pub struct GrpcLimits {
+    pub max_concurrent_streams: u32,
+    pub max_request_bytes: usize,
 }
 
 /// TLS on the gRPC listener; files are read at start-up.
@@ -272,6 +317,8 @@ pub struct IntrospectionConfig {
 #[derive(Debug, Clone)]
 pub struct CacheConfig {
     pub default_ttl: Duration,
+    pub max_ttl: Duration,
+    pub inactive_ttl: Duration,
     pub local_ttl: Duration,
     pub local_max_entries: usize,
     pub local_max_bytes: u64,
@@ -376,6 +423,22 @@ impl Config {
         if args.introspection_timeout.is_zero() {
             return Err(invalid("--introspection-timeout", "must be above zero"));
         }
+        if args.check_timeout.is_zero() {
+            return Err(invalid("--check-timeout", "must be above zero"));
+        }
+        if args.max_cache_ttl.is_zero() {
+            return Err(invalid("--max-cache-ttl", "must be above zero"));
+        }
+        if args.grpc_max_concurrent_streams == 0 {
+            return Err(invalid(
+                "--grpc-max-concurrent-streams",
+                "must be at least 1",
+            ));
+        }
+        let max_request_bytes = usize::try_from(args.grpc_max_request_bytes)
+            .ok()
+            .filter(|bytes| (1024..=64 << 20).contains(bytes))
+            .ok_or_else(|| invalid("--grpc-max-request-bytes", "must be between 1KiB and 64MiB"))?;
 
         let redis = match args.redis_url {
             None => None,
@@ -494,12 +557,19 @@ impl Config {
             },
             cache: CacheConfig {
                 default_ttl: args.default_cache_ttl,
+                max_ttl: args.max_cache_ttl,
+                inactive_ttl: args.inactive_cache_ttl,
                 local_ttl: args.local_cache_ttl,
                 local_max_entries: args.local_cache_max_entries,
                 local_max_bytes: args.local_cache_max_bytes,
             },
             redis,
             max_token_length: args.max_token_length,
+            check_timeout: args.check_timeout,
+            grpc_limits: GrpcLimits {
+                max_concurrent_streams: args.grpc_max_concurrent_streams,
+                max_request_bytes,
+            },
             realm: args.realm,
             shutdown_grace: args.shutdown_grace,
             log_format: args.log_format,
@@ -692,7 +762,12 @@ mod tests {
         assert_eq!(config.grpc_listen.port(), 9001);
         assert_eq!(config.admin_listen.port(), 9090);
         assert_eq!(config.introspection.mode, IntrospectionMode::Jwt);
-        assert_eq!(config.introspection.timeout, Duration::from_secs(20));
+        assert_eq!(config.introspection.timeout, Duration::from_secs(2));
+        assert_eq!(config.check_timeout, Duration::from_secs(1));
+        assert_eq!(config.cache.max_ttl, Duration::from_secs(300));
+        assert_eq!(config.cache.inactive_ttl, Duration::from_secs(10));
+        assert_eq!(config.grpc_limits.max_concurrent_streams, 1024);
+        assert_eq!(config.grpc_limits.max_request_bytes, 256 << 10);
         assert_eq!(config.cache.default_ttl, Duration::from_secs(300));
         assert_eq!(config.realm, "api");
         assert!(config.redis.is_none());
@@ -767,6 +842,11 @@ mod tests {
 
         let err = args(&["--introspection-timeout", "0"]).unwrap_err();
         assert_eq!(err.flag, "--introspection-timeout");
+
+        let err = args(&["--grpc-max-request-bytes", "100"]).unwrap_err();
+        assert_eq!(err.flag, "--grpc-max-request-bytes");
+        let err = args(&["--check-timeout", "0"]).unwrap_err();
+        assert_eq!(err.flag, "--check-timeout");
     }
 
     #[test]

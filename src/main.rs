@@ -205,7 +205,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
         Arc::new(idp),
         Ttls {
             default: config.cache.default_ttl,
+            max: config.cache.max_ttl,
             local_cap,
+            inactive: config.cache.inactive_ttl,
+            check_timeout: config.check_timeout,
         },
     ));
     let service = CheckService::new(
@@ -290,7 +293,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
     };
     tokio::select! {
-        result = server::serve_grpc(grpc_listener, service, health, health_service, grpc_tls, stopped(drain_rx, true)) => {
+        result = server::serve_grpc(grpc_listener, service, health, health_service, grpc_tls, config.grpc_limits, stopped(drain_rx, true)) => {
             result.context("serving gRPC")?;
         }
         () = drain_deadline => {

@@ -56,7 +56,7 @@ fn describe() {
     );
     describe_counter!(
         CACHE_LOOKUPS,
-        "Cache lookups by tier (local|redis) and result (hit|miss|error|invalid)."
+        "Cache lookups by tier (local|inactive|redis) and result (hit|miss|error|invalid)."
     );
     describe_counter!(
         INTROSPECTIONS,
@@ -135,6 +135,8 @@ fn status_label(status: u16) -> &'static str {
 #[derive(Clone, Copy, Debug)]
 pub enum Tier {
     Local,
+    /// The in-process negative cache of tokens the IdP called inactive.
+    Inactive,
     Redis,
 }
 
@@ -164,6 +166,7 @@ impl Lookup {
 pub fn cache_lookup(tier: Tier, result: Lookup) {
     let tier = match tier {
         Tier::Local => "local",
+        Tier::Inactive => "inactive",
         Tier::Redis => "redis",
     };
     counter!(CACHE_LOOKUPS, "tier" => tier, "result" => result.as_str()).increment(1);

@@ -21,6 +21,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument as _;
 
 use crate::authorizer::Authorizer;
+use crate::config::GrpcLimits;
 use crate::decision::{Outcome, Responder};
 use crate::metrics;
 use crate::telemetry;
@@ -107,20 +108,24 @@ pub async fn serve_grpc(
         impl tonic_health::pb::health_server::Health,
     >,
     tls: Option<tonic::transport::ServerTlsConfig>,
+    limits: GrpcLimits,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     health
         .set_serving::<AuthorizationServer<CheckService>>()
         .await;
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let mut builder = tonic::transport::Server::builder();
+    let mut builder = tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(limits.max_concurrent_streams));
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }
     builder
         .add_service(health_service)
         .add_optional_service(reflection(&[EXT_AUTHZ_DESCRIPTORS, HEALTH_DESCRIPTORS]))
-        .add_service(AuthorizationServer::new(service))
+        .add_service(
+            AuthorizationServer::new(service).max_decoding_message_size(limits.max_request_bytes),
+        )
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }

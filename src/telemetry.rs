@@ -147,6 +147,12 @@ pub fn cache_span(tier: Tier) -> Span {
             cache.tier = "local",
             cache.result = tracing::field::Empty,
         ),
+        Tier::Inactive => tracing::info_span!(
+            target: SPAN_TARGET,
+            "cache.inactive",
+            cache.tier = "inactive",
+            cache.result = tracing::field::Empty,
+        ),
         Tier::Redis => tracing::info_span!(
             target: SPAN_TARGET,
             "cache.redis",

@@ -25,6 +25,27 @@ impl<'a> Token<'a> {
     }
 }
 
+/// A copy of a validated token, for work that outlives the request it came in (an
+/// introspection that goes on after Envoy gave up on its Check). Its `Debug` never shows it.
+#[derive(Clone)]
+pub struct OwnedToken(Box<str>);
+
+impl OwnedToken {
+    pub fn of(token: Token<'_>) -> Self {
+        Self(token.0.into())
+    }
+
+    pub fn borrow(&self) -> Token<'_> {
+        Token(&self.0)
+    }
+}
+
+impl fmt::Debug for OwnedToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "OwnedToken(len={})", self.0.len())
+    }
+}
+
 impl fmt::Debug for Token<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Token(len={})", self.0.len())

@@ -103,6 +103,31 @@ async fn ttl_comes_from_max_age_and_lives_in_redis() {
 }
 
 #[tokio::test]
+async fn an_absurd_max_age_is_capped_by_max_cache_ttl() {
+    let redis = Redis::start();
+    let idp = idp_with(Some("max-age=18446744073709551615"), 3600).await;
+    let service = Service::start(
+        &idp.url(),
+        "jwt",
+        &[
+            "--redis-url",
+            &redis.url(),
+            "--local-cache-ttl",
+            "0",
+            "--max-cache-ttl",
+            "90s",
+        ],
+    );
+    allowed(&service, "forever").await;
+    let mut conn = redis.connection().await;
+    let keys = written_keys(&mut conn).await;
+    let ttl_ms: i64 = conn.pttl(&keys[0]).await.unwrap();
+    assert!(ttl_ms > 0 && ttl_ms <= 90_000, "PTTL {ttl_ms}");
+    allowed(&service, "forever").await;
+    assert_eq!(idp.calls(), 1);
+}
+
+#[tokio::test]
 async fn no_store_and_max_age_zero_are_not_cached() {
     for directive in ["no-store", "no-cache", "max-age=0"] {
         let redis = Redis::start();

@@ -173,16 +173,49 @@ async fn inactive_rows(mode: &'static str) {
         Some(INVALID_TOKEN),
     )
     .await;
-    // Denials are never cached.
-    assert_denied(
-        &service,
-        "inactive-1",
-        401,
-        UNAUTHENTICATED,
-        Some(INVALID_TOKEN),
-    )
-    .await;
-    assert_eq!(idp.calls(), 2);
+    // The replay is answered from the negative cache (--inactive-cache-ttl, 10 s by default):
+    // a bad token sent in a loop costs the IdP one call per interval, not one per request.
+    for _ in 0..5 {
+        assert_denied(
+            &service,
+            "inactive-1",
+            401,
+            UNAUTHENTICATED,
+            Some(INVALID_TOKEN),
+        )
+        .await;
+    }
+    assert_eq!(idp.calls(), 1);
+    let hits = [("tier", "inactive"), ("result", "hit")];
+    assert_eq!(
+        service
+            .metric("phantom_authz_cache_lookups_total", &hits)
+            .await,
+        5.0
+    );
+
+    // Turned off, every presentation asks the IdP.
+    let service = Service::start(
+        &idp.url(),
+        mode,
+        &[
+            "--inactive-cache-ttl",
+            "0",
+            "--circuit-failure-threshold",
+            "0",
+        ],
+    );
+    for _ in 0..2 {
+        assert_denied(
+            &service,
+            "inactive-1",
+            401,
+            UNAUTHENTICATED,
+            Some(INVALID_TOKEN),
+        )
+        .await;
+    }
+    assert_eq!(idp.calls(), 3);
 }
 
 #[tokio::test]

@@ -20,11 +20,19 @@ pub struct LocalCache {
     inner: Mutex<Inner>,
     max_entries: usize,
     max_bytes: u64,
+    /// Whether this instance is the one the size gauges describe.
+    gauges: bool,
 }
+
+/// A count of evictions, read when a lookup starts and checked, under the same lock, when its
+/// result is stored: a result read before an eviction is never stored after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Generation(u64);
 
 struct Inner {
     map: HashMap<CacheKey, Entry, DigestHash>,
     bytes: u64,
+    generation: u64,
 }
 
 struct Entry {
@@ -38,10 +46,29 @@ impl LocalCache {
             inner: Mutex::new(Inner {
                 map: HashMap::with_hasher(DigestHash),
                 bytes: 0,
+                generation: 0,
             }),
             max_entries,
             max_bytes,
+            gauges: true,
         }
+    }
+
+    /// The same cache, left out of the size gauges (a second instance, such as the negative
+    /// cache of inactive tokens).
+    pub fn without_gauges(mut self) -> Self {
+        self.gauges = false;
+        self
+    }
+
+    /// Where evictions stand now; see [`LocalCache::put_since`].
+    pub fn generation(&self) -> Generation {
+        Generation(
+            self.inner
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .generation,
+        )
     }
 
     /// The live entry for `key`, if any.
@@ -58,15 +85,44 @@ impl LocalCache {
 
     /// Stores `authorization` for at most `ttl`. A zero TTL stores nothing.
     pub fn put(&self, key: CacheKey, authorization: Authorization, ttl: Duration) {
+        self.store(None, key, authorization, ttl);
+    }
+
+    /// Stores like [`LocalCache::put`], unless an eviction happened after `since` was read:
+    /// then the value may predate it and is dropped. Returns whether it was stored.
+    pub fn put_since(
+        &self,
+        since: Generation,
+        key: CacheKey,
+        authorization: Authorization,
+        ttl: Duration,
+    ) -> bool {
+        self.store(Some(since), key, authorization, ttl)
+    }
+
+    fn store(
+        &self,
+        since: Option<Generation>,
+        key: CacheKey,
+        authorization: Authorization,
+        ttl: Duration,
+    ) -> bool {
         if ttl.is_zero() {
-            return;
+            return false;
         }
         let size = entry_size(&authorization);
         if size > self.max_bytes {
-            return;
+            return false;
         }
         let now = Instant::now();
+        // An absurd TTL saturates rather than overflowing the clock.
+        let expires = now
+            .checked_add(ttl)
+            .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600));
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if since.is_some_and(|since| since.0 != inner.generation) {
+            return false;
+        }
         inner.remove(&key);
         if inner.map.len() >= self.max_entries || inner.bytes + size > self.max_bytes {
             inner.make_room(now, self.max_entries, self.max_bytes);
@@ -76,25 +132,34 @@ impl LocalCache {
             key,
             Entry {
                 authorization,
-                expires: now + ttl,
+                expires,
             },
         );
-        metrics::local_cache_size(inner.map.len(), inner.bytes);
+        self.report(&inner);
+        true
     }
 
-    /// Drops the entry for `key` (revocation).
+    /// Drops the entry for `key` (revocation), and refuses values read before now.
     pub fn remove(&self, key: &CacheKey) {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.generation += 1;
         inner.remove(key);
-        metrics::local_cache_size(inner.map.len(), inner.bytes);
+        self.report(&inner);
     }
 
     /// Drops every entry: after missing evictions, nothing held can be trusted.
     pub fn clear(&self) {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.generation += 1;
         inner.map.clear();
         inner.bytes = 0;
-        metrics::local_cache_size(0, 0);
+        self.report(&inner);
+    }
+
+    fn report(&self, inner: &Inner) {
+        if self.gauges {
+            metrics::local_cache_size(inner.map.len(), inner.bytes);
+        }
     }
 
     /// Entries and accounted bytes held now.
@@ -237,6 +302,33 @@ mod tests {
         assert_eq!(cache.size(), (1, entry_size(&bearer("a.b.cdef"))));
         cache.remove(&key(1));
         assert_eq!(cache.size(), (0, 0));
+    }
+
+    #[test]
+    fn a_value_read_before_an_eviction_is_not_stored_after_it() {
+        let cache = LocalCache::new(10, 1 << 20);
+        let since = cache.generation();
+        assert!(cache.put_since(since, key(1), bearer("a.b.c"), Duration::from_secs(60)));
+        cache.remove(&key(2));
+        // Any eviction refuses values read before it (generations are per cache, not per key).
+        assert!(!cache.put_since(since, key(1), bearer("a.b.c"), Duration::from_secs(60)));
+        let since = cache.generation();
+        cache.clear();
+        assert!(!cache.put_since(since, key(3), bearer("a.b.c"), Duration::from_secs(60)));
+        assert_eq!(cache.get(&key(3)), None);
+        assert!(cache.put_since(
+            cache.generation(),
+            key(3),
+            bearer("a.b.c"),
+            Duration::from_secs(60)
+        ));
+    }
+
+    #[test]
+    fn an_absurd_ttl_saturates() {
+        let cache = LocalCache::new(10, 1 << 20);
+        cache.put(key(1), bearer("a.b.c"), Duration::MAX);
+        assert!(cache.get(&key(1)).is_some());
     }
 
     #[test]
