@@ -143,6 +143,7 @@ log "starting redis-server on 127.0.0.1:$REDIS_PORT (no persistence)"
 PIDS+=("$!")
 wait_for "$WORK/redis.out" 'Ready to accept connections' >/dev/null
 REDIS="redis://127.0.0.1:$REDIS_PORT"
+head -c 32 /dev/urandom | base64 >"$WORK/cache-secret"
 
 start_example scripted_idp --listen 127.0.0.1:0 --delay "$IDP_DELAY" --jwt-bytes "$JWT_BYTES" --max-age 300
 IDP=$ADDR
@@ -163,7 +164,7 @@ NOOP_PID=$PID
 # machine moves both sides of every ratio alike.
 
 log "local-cache hit (Redis configured, in-process tier on)"
-start_phantom --redis-url "$REDIS"
+start_phantom --redis-url "$REDIS" --cache-secret-file "$WORK/cache-secret"
 load base_sat_l "$NOOP" --tokens same
 load local_sat "$PA_GRPC" --tokens same
 load base_half_l "$NOOP" --tokens same --rate "$HALF"
@@ -191,7 +192,7 @@ log "miss runs: $MISS_CALLS introspections, $MISS_CONNS new IdP connections ($PA
 stop "$PA_PID"
 
 log "Redis hit (--local-cache-ttl 0)"
-start_phantom --redis-url "$REDIS" --local-cache-ttl 0
+start_phantom --redis-url "$REDIS" --cache-secret-file "$WORK/cache-secret" --local-cache-ttl 0
 # 1024 tokens in turn: with one token, concurrent Checks would share one Redis lookup.
 load base_sat_r "$NOOP" --tokens same
 load redis_sat "$PA_GRPC" --tokens same --pool 1024

@@ -148,11 +148,12 @@ start_idp 127.0.0.1:0
 log "scripted IdP on $IDP_ADDR"
 
 printf 'promcheck-client-secret\n' >"$WORK/client-secret"
+head -c 32 /dev/urandom | base64 >"$WORK/cache-secret"
 NO_COLOR=1 RUST_LOG=info "$AUTHZ" \
   --grpc-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
   --introspection-url "http://$IDP_ADDR/oauth/v2/oauth-introspect" \
   --client-id promcheck --client-secret-file "$WORK/client-secret" \
-  --redis-url "redis://127.0.0.1:$REDIS_PORT" \
+  --redis-url "redis://127.0.0.1:$REDIS_PORT" --cache-secret-file "$WORK/cache-secret" \
   2>"$WORK/phantom-authz.log" &
 PIDS+=($!)
 wait_for 20 "phantom-authz to listen" grep -q 'phantom-authz listening' "$WORK/phantom-authz.log"

@@ -283,13 +283,14 @@ impl Authorizer {
     /// Revokes a token's cached allow: here first, so this replica stops serving it even when
     /// Redis fails; then in Redis and, through it, on every replica; then here again, for a
     /// lookup that read Redis before the eviction reached it.
-    pub async fn evict(&self, key: &CacheKey) -> Result<Eviction, CacheError> {
-        self.forget_locally(key);
+    pub async fn evict(&self, token: Token<'_>) -> Result<Eviction, CacheError> {
+        let key = CacheKey::of(token);
+        self.forget_locally(&key);
         let eviction = match &self.shared {
-            Some(shared) => shared.evict(key).await,
+            Some(shared) => shared.evict(&key, token).await,
             None => Ok(Eviction::default()),
         };
-        self.forget_locally(key);
+        self.forget_locally(&key);
         eviction
     }
 }
@@ -545,7 +546,6 @@ mod tests {
         let authorizer = authorizer(idp.clone());
         let header = "Bearer revoked-mid-flight".to_string();
         let token = parse_bearer(&header, 100).unwrap();
-        let key = CacheKey::of(token);
         let in_flight = {
             let authorizer = authorizer.clone();
             tokio::spawn(async move {
@@ -557,7 +557,7 @@ mod tests {
         };
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(idp.calls.load(Ordering::SeqCst), 1);
-        authorizer.evict(&key).await.unwrap();
+        authorizer.evict(token).await.unwrap();
         // A Check after the eviction does not join the old flight: it introspects anew.
         let after = authorizer.authorize(token);
         let (during, after) = tokio::join!(in_flight, after);
@@ -595,7 +595,11 @@ mod tests {
             Box::pin(async { Err(CacheError::Timeout) })
         }
 
-        fn evict(&self, _key: &CacheKey) -> BoxFuture<'static, Result<Eviction, CacheError>> {
+        fn evict(
+            &self,
+            _key: &CacheKey,
+            _token: Token<'_>,
+        ) -> BoxFuture<'static, Result<Eviction, CacheError>> {
             Box::pin(async { Err(CacheError::Timeout) })
         }
     }
@@ -622,18 +626,17 @@ mod tests {
         ));
         let header = "Bearer revoked".to_string();
         let token = parse_bearer(&header, 100).unwrap();
-        let key = CacheKey::of(token);
         with_redis.authorize(token).await;
         with_redis.authorize(token).await;
         assert_eq!(idp.calls.load(Ordering::SeqCst), 1);
-        assert_eq!(with_redis.evict(&key).await, Err(CacheError::Timeout));
+        assert_eq!(with_redis.evict(token).await, Err(CacheError::Timeout));
         with_redis.authorize(token).await;
         assert_eq!(idp.calls.load(Ordering::SeqCst), 2);
 
         // Without Redis, an eviction is local only and reaches nobody else.
         let alone = authorizer(idp.clone());
         alone.authorize(token).await;
-        assert_eq!(alone.evict(&key).await, Ok(Eviction::default()));
+        assert_eq!(alone.evict(token).await, Ok(Eviction::default()));
         alone.authorize(token).await;
         assert_eq!(idp.calls.load(Ordering::SeqCst), 4);
         alone.forget_all_locally();

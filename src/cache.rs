@@ -51,7 +51,8 @@ pub enum CacheError {
 
 /// The cache every replica shares.
 pub trait SharedCache: Send + Sync {
-    /// Looks up the entry for `key`, decrypting it with what only `token`'s holder can derive.
+    /// Looks up the entry for `token` (whose in-process key is `key`), opening it with what
+    /// only a holder of both the token and the cache secret can derive.
     fn get<'a>(
         &'a self,
         key: &'a CacheKey,
@@ -68,8 +69,13 @@ pub trait SharedCache: Send + Sync {
         ttl: Duration,
     ) -> BoxFuture<'static, Result<(), CacheError>>;
 
-    /// Deletes the entry for `key` and tells every replica to drop its in-process copy.
-    fn evict(&self, key: &CacheKey) -> BoxFuture<'static, Result<Eviction, CacheError>>;
+    /// Deletes the entry for `token` (in-process key `key`), tells every replica to drop its
+    /// in-process copy, and waits for them to confirm.
+    fn evict(
+        &self,
+        key: &CacheKey,
+        token: Token<'_>,
+    ) -> BoxFuture<'static, Result<Eviction, CacheError>>;
 }
 
 /// What an eviction reached.
@@ -79,6 +85,8 @@ pub struct Eviction {
     pub deleted: bool,
     /// Replicas (the evicting one included) that received the notice to drop their copy.
     pub notified: u64,
+    /// Replicas that confirmed they dropped it before the eviction returned.
+    pub confirmed: u64,
 }
 
 /// Milliseconds since the epoch.

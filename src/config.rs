@@ -141,6 +141,14 @@ pub struct Args {
     #[arg(long, env = "PHANTOM_AUTHZ_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
 
+    /// File of the secrets that Redis entries are bound to: one per line, 32 bytes or more
+    /// each (`head -c 32 /dev/urandom | base64`). Required with --redis-url. The first names
+    /// and seals new entries; every line is tried when reading, so a new secret can be put
+    /// first and the old one dropped later, without a flush. Replicas share entries only when
+    /// they share a secret; without it, anyone who can write to Redis could forge an allow.
+    #[arg(long, env = "PHANTOM_AUTHZ_CACHE_SECRET_FILE")]
+    pub cache_secret_file: Option<PathBuf>,
+
     /// PEM CA(s) that sign Redis's certificate, for rediss:// URLs (default: system roots).
     #[arg(long, env = "PHANTOM_AUTHZ_REDIS_CA_FILE")]
     pub redis_ca_file: Option<PathBuf>,
@@ -335,6 +343,8 @@ pub struct AdminGrpcConfig {
 pub struct RedisConfig {
     pub url: Secret,
     pub ca_file: Option<PathBuf>,
+    /// `--cache-secret-file`, read at start-up.
+    pub secret_file: PathBuf,
     pub timeout: Duration,
 }
 
@@ -343,6 +353,7 @@ impl fmt::Debug for RedisConfig {
         f.debug_struct("RedisConfig")
             .field("url", &masked_url(self.url.expose()))
             .field("ca_file", &self.ca_file)
+            .field("secret_file", &self.secret_file)
             .field("timeout", &self.timeout)
             .finish()
     }
@@ -441,6 +452,12 @@ impl Config {
             .ok_or_else(|| invalid("--grpc-max-request-bytes", "must be between 1KiB and 64MiB"))?;
 
         let redis = match args.redis_url {
+            None if args.cache_secret_file.is_some() => {
+                return Err(invalid(
+                    "--cache-secret-file",
+                    "has no use without --redis-url",
+                ));
+            }
             None => None,
             Some(url) => {
                 if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
@@ -455,9 +472,18 @@ impl Config {
                 if args.redis_ca_file.is_some() && !url.starts_with("rediss://") {
                     return Err(invalid("--redis-ca-file", "needs a rediss:// --redis-url"));
                 }
+                let secret_file = args.cache_secret_file.ok_or_else(|| {
+                    invalid(
+                        "--cache-secret-file",
+                        "is required with --redis-url: a file of one or more secrets of 32 \
+                         bytes or more, one per line, shared by the replicas that share Redis \
+                         (`head -c 32 /dev/urandom | base64 > cache-secret`)",
+                    )
+                })?;
                 Some(RedisConfig {
                     url: Secret::new(url),
                     ca_file: args.redis_ca_file,
+                    secret_file,
                     timeout: args.redis_timeout,
                 })
             }
@@ -893,8 +919,23 @@ mod tests {
     }
 
     #[test]
+    fn redis_needs_a_cache_secret_file() {
+        let err = args(&["--redis-url", "redis://cache:6379"]).unwrap_err();
+        assert_eq!(err.flag, "--cache-secret-file");
+        assert!(err.to_string().contains("required"), "{err}");
+        let err = args(&["--cache-secret-file", "/run/cache-secret"]).unwrap_err();
+        assert_eq!(err.flag, "--cache-secret-file");
+    }
+
+    #[test]
     fn secrets_do_not_debug_print() {
-        let config = args(&["--redis-url", "redis://:hunter2@cache:6379"]).unwrap();
+        let config = args(&[
+            "--redis-url",
+            "redis://:hunter2@cache:6379",
+            "--cache-secret-file",
+            "/run/cache-secret",
+        ])
+        .unwrap();
         let printed = format!("{config:?}");
         assert!(!printed.contains("s3cr3t-value"), "{printed}");
         assert!(!printed.contains("hunter2"), "{printed}");

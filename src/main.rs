@@ -16,7 +16,7 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use phantom_authz::authorizer::{Authorizer, Ttls};
 use phantom_authz::cache::SharedCache;
 use phantom_authz::cache::local::LocalCache;
-use phantom_authz::cache::redis::RedisCache;
+use phantom_authz::cache::redis::{CacheSecrets, RedisCache};
 use phantom_authz::config::{Args, Config, GrpcTls, LogFormat, Secret, SecretSource, file_args};
 use phantom_authz::decision::Responder;
 use phantom_authz::introspection::HttpIntrospector;
@@ -111,6 +111,7 @@ fn check_files(config: &Config) -> anyhow::Result<()> {
     read_file(config.introspection.ca_file.as_deref(), "--idp-ca-file")?;
     if let Some(redis) = &config.redis {
         read_file(redis.ca_file.as_deref(), "--redis-ca-file")?;
+        read_cache_secrets(&redis.secret_file)?;
     }
     if let Some(tls) = &config.grpc_tls {
         grpc_tls(tls)?;
@@ -187,18 +188,25 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let redis = match &config.redis {
         Some(redis) => {
             let ca = read_file(redis.ca_file.as_deref(), "--redis-ca-file")?;
-            Some(RedisCache::new(&redis.url, ca, redis.timeout).map_err(anyhow::Error::msg)?)
+            let secrets = read_cache_secrets(&redis.secret_file)?;
+            // A tombstone outlives any lookup that could have begun before its eviction: a
+            // Redis read, an introspection, and the write that follows.
+            let tombstone_ttl = config.introspection.timeout
+                + 2 * redis.timeout
+                + std::time::Duration::from_secs(5);
+            let cache = RedisCache::new(&redis.url, ca, secrets, redis.timeout, tombstone_ttl)
+                .map_err(anyhow::Error::msg)?;
+            Some(Arc::new(cache))
         }
         None => None,
     };
-    let redis_health = redis.as_ref().map(RedisCache::health);
-    let redis_client = redis.as_ref().map(RedisCache::client);
+    let redis_health = redis.as_deref().map(RedisCache::health);
     // With Redis, the in-process tier is a short-lived front (off at --local-cache-ttl 0);
     // without it, the in-process tier is the cache.
     let local_cap = redis.is_some().then_some(config.cache.local_ttl);
     let local = (local_cap != Some(std::time::Duration::ZERO))
         .then(|| LocalCache::new(config.cache.local_max_entries, config.cache.local_max_bytes));
-    let shared = redis.map(|r| Arc::new(r) as Arc<dyn SharedCache>);
+    let shared = redis.clone().map(|r| r as Arc<dyn SharedCache>);
     let authorizer = Arc::new(Authorizer::new(
         local,
         shared,
@@ -279,9 +287,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
             }
         })
     });
-    let evictions = redis_client.map(|client| {
+    let evictions = redis.map(|redis| {
         let shutdown = stopped(stop_rx.clone(), true);
-        tokio::spawn(revocation::subscribe(client, authorizer.clone(), shutdown))
+        tokio::spawn(revocation::subscribe(redis, authorizer.clone(), shutdown))
     });
 
     let grace = config.shutdown_grace;
@@ -359,6 +367,14 @@ fn read_admin_token(path: &std::path::Path) -> anyhow::Result<Secret> {
         );
     }
     Ok(Secret::new(secret))
+}
+
+/// The secrets Redis entries are bound to.
+fn read_cache_secrets(path: &std::path::Path) -> anyhow::Result<CacheSecrets> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--cache-secret-file: cannot read {}", path.display()))?;
+    CacheSecrets::parse(&text)
+        .map_err(|problem| anyhow::anyhow!("--cache-secret-file: {}: {problem}", path.display()))
 }
 
 fn read_secret(path: &std::path::Path) -> anyhow::Result<Secret> {

@@ -19,7 +19,9 @@ use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 use crate::authorizer::Authorizer;
-use crate::cache::redis::{EVICTION_CHANNEL, KindName as _};
+use crate::cache::redis::{
+    CONFIRM_CHANNEL, EVICTION_CHANNEL, KindName as _, RedisCache, parse_notice,
+};
 use crate::config::Secret;
 use crate::metrics::{self, EvictionSource};
 use crate::token::{self, CacheKey};
@@ -70,18 +72,28 @@ impl Admin for AdminService {
             )
         })?;
         let key = CacheKey::of(token);
-        match self.authorizer.evict(&key).await {
+        match self.authorizer.evict(token).await {
             Ok(eviction) => {
                 metrics::eviction(EvictionSource::Api);
-                tracing::info!(
-                    key = ?key,
-                    redis_deleted = eviction.deleted,
-                    replicas_notified = eviction.notified,
-                    "token evicted"
-                );
+                if eviction.confirmed < eviction.notified {
+                    tracing::warn!(
+                        key = ?key,
+                        replicas_notified = eviction.notified,
+                        replicas_confirmed = eviction.confirmed,
+                        "token evicted, but not every replica confirmed in time"
+                    );
+                } else {
+                    tracing::info!(
+                        key = ?key,
+                        redis_deleted = eviction.deleted,
+                        replicas_notified = eviction.notified,
+                        "token evicted"
+                    );
+                }
                 Ok(Response::new(EvictTokenResponse {
                     redis_deleted: eviction.deleted,
                     replicas_notified: u32::try_from(eviction.notified).unwrap_or(u32::MAX),
+                    replicas_confirmed: u32::try_from(eviction.confirmed).unwrap_or(u32::MAX),
                 }))
             }
             Err(error) => {
@@ -199,19 +211,21 @@ const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(2);
 const PING_EVERY: Duration = Duration::from_secs(5);
 
 /// Listens for evictions on Redis until `shutdown` resolves, dropping each evicted token's
-/// in-process entry. Reconnects and resubscribes by itself, waiting a bounded, jittered,
-/// growing delay between attempts; never gives up and never fails the service.
+/// in-process entry and confirming it to the evicting replica, and passing on confirmations of
+/// this replica's own evictions. Reconnects and resubscribes by itself, waiting a bounded,
+/// jittered, growing delay between attempts; never gives up and never fails the service.
 pub async fn subscribe(
-    client: redis::Client,
+    redis: Arc<RedisCache>,
     authorizer: Arc<Authorizer>,
     shutdown: impl Future<Output = ()>,
 ) {
+    let client = redis.client();
     let mut shutdown = std::pin::pin!(shutdown);
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         tokio::select! {
             () = &mut shutdown => return,
-            reason = listen(&client, &authorizer, &mut backoff) => {
+            reason = listen(&client, &redis, &authorizer, &mut backoff) => {
                 tracing::warn!(%reason, "eviction subscription lost; resubscribing");
             }
         }
@@ -224,10 +238,17 @@ pub async fn subscribe(
 }
 
 /// One subscription, from connecting until it breaks; returns why it broke.
-async fn listen(client: &redis::Client, authorizer: &Authorizer, backoff: &mut Backoff) -> String {
+async fn listen(
+    client: &redis::Client,
+    redis: &Arc<RedisCache>,
+    authorizer: &Authorizer,
+    backoff: &mut Backoff,
+) -> String {
     let connect = async {
         let mut pubsub = client.get_async_pubsub().await?;
-        pubsub.subscribe(EVICTION_CHANNEL).await?;
+        pubsub
+            .subscribe(&[EVICTION_CHANNEL, CONFIRM_CHANNEL])
+            .await?;
         redis::RedisResult::Ok(pubsub)
     };
     let pubsub = match tokio::time::timeout(SUBSCRIBE_TIMEOUT, connect).await {
@@ -248,11 +269,22 @@ async fn listen(client: &redis::Client, authorizer: &Authorizer, backoff: &mut B
                 let Some(message) = message else {
                     return "connection closed".into();
                 };
-                match CacheKey::from_hex(message.get_payload_bytes()) {
-                    Some(key) => {
+                if message.get_channel_name() == CONFIRM_CHANNEL {
+                    redis.confirmed(message.get_payload_bytes());
+                    continue;
+                }
+                match parse_notice(message.get_payload_bytes()) {
+                    Some((key, id)) => {
                         authorizer.forget_locally(&key);
                         metrics::eviction(EvictionSource::Pubsub);
                         tracing::debug!(key = ?key, "evicted on notice");
+                        // Confirmed off the read loop, which must keep draining messages.
+                        let (redis, id) = (redis.clone(), id.to_owned());
+                        tokio::spawn(async move {
+                            if let Err(error) = redis.confirm(&id).await {
+                                tracing::debug!(%error, "eviction confirmation failed");
+                            }
+                        });
                     }
                     None => tracing::warn!("ignoring a malformed eviction notice"),
                 }

@@ -168,7 +168,9 @@ fn is_b64token(token: &str) -> bool {
         })
 }
 
-/// A digest of the token: the only form in which a token is kept or looked up.
+/// A digest of the token: how the in-process tiers and the flights know it, and how replicas
+/// name it to each other in eviction notices. Redis keys are derived with the cache secret
+/// instead (see [`crate::cache::redis`]).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct CacheKey([u8; 32]);
 
@@ -181,9 +183,6 @@ impl std::hash::Hash for CacheKey {
     }
 }
 
-/// Versioned prefix of every Redis key; a new value format gets a new version.
-pub const REDIS_KEY_PREFIX: &str = "phantom-authz:v1:";
-
 impl CacheKey {
     pub fn of(token: Token<'_>) -> Self {
         let mut hasher = Sha256::new();
@@ -194,14 +193,6 @@ impl CacheKey {
 
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
-    }
-
-    /// The Redis key: the versioned prefix and the digest in hex.
-    pub fn redis_key(&self) -> String {
-        let mut key = String::with_capacity(REDIS_KEY_PREFIX.len() + 64);
-        key.push_str(REDIS_KEY_PREFIX);
-        key.push_str(&self.to_hex());
-        key
     }
 
     /// The digest in lowercase hex: 64 characters, as replicas tell each other of evictions.
@@ -394,10 +385,7 @@ mod tests {
     fn cache_key_is_a_digest() {
         let token = parse_bearer("Bearer secret-token", 100).unwrap();
         let key = CacheKey::of(token);
-        let redis = key.redis_key();
-        assert!(redis.starts_with(REDIS_KEY_PREFIX));
-        assert_eq!(redis.len(), REDIS_KEY_PREFIX.len() + 64);
-        assert!(!redis.contains("secret-token"));
+        assert!(!key.to_hex().contains("secret-token"));
         assert_eq!(
             key,
             CacheKey::of(parse_bearer("Bearer secret-token", 100).unwrap())
@@ -414,7 +402,6 @@ mod tests {
         let key = CacheKey::of(parse_token("tok", 100).unwrap());
         let hex = key.to_hex();
         assert_eq!(hex.len(), 64);
-        assert!(key.redis_key().ends_with(&hex));
         assert_eq!(CacheKey::from_hex(hex.as_bytes()), Some(key));
         assert_eq!(CacheKey::from_hex(hex.to_uppercase().as_bytes()), Some(key));
         assert_eq!(CacheKey::from_hex(&hex.as_bytes()[..63]), None);

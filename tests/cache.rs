@@ -81,7 +81,7 @@ async fn ttl_comes_from_max_age_and_lives_in_redis() {
     let keys = written_keys(&mut conn).await;
     assert_eq!(keys.len(), 1);
     let key = &keys[0];
-    assert!(key.starts_with("phantom-authz:v1:"), "{key}");
+    assert!(key.starts_with("phantom-authz:v2:"), "{key}");
     assert!(!key.contains("opaque-token-1"));
     let ttl_ms: i64 = conn.pttl(key).await.unwrap();
     assert!(ttl_ms > 0 && ttl_ms <= 2_000, "PTTL {ttl_ms}");
@@ -239,6 +239,178 @@ async fn a_planted_redis_value_is_a_miss_not_an_allow() {
                 &[("tier", "redis"), ("result", "invalid")]
             )
             .await,
+        1.0
+    );
+}
+
+/// What a Redis writer could plant for a token of their invention without the cache secret:
+/// an entry in the layout phantom-authz used before entries were bound to a secret (key and
+/// value key both derived from the token alone).
+fn forged_without_the_secret(token: &str, authorization: &str) -> (String, Vec<u8>) {
+    use aes_gcm::aead::{Aead, KeyInit, Payload};
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::new()
+        .chain_update(b"phantom-authz cache key v1\0")
+        .chain_update(token.as_bytes())
+        .finalize();
+    let name: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    let name = format!("phantom-authz:v1:{name}");
+    let hkdf = hkdf::Hkdf::<sha2::Sha256>::new(Some(b"phantom-authz cache v1"), token.as_bytes());
+    let mut key = [0u8; 32];
+    hkdf.expand(b"cache value encryption key", &mut key)
+        .unwrap();
+    let mut plaintext = (u64::MAX).to_be_bytes().to_vec();
+    plaintext.extend_from_slice(authorization.as_bytes());
+    let nonce = [7u8; 12];
+    let sealed = aes_gcm::Aes256Gcm::new(&key.into())
+        .encrypt(
+            &aes_gcm::Nonce::from(nonce),
+            Payload {
+                msg: &plaintext,
+                aad: name.as_bytes(),
+            },
+        )
+        .unwrap();
+    (name, [&nonce[..], &sealed].concat())
+}
+
+/// An entry sealed the way phantom-authz seals them, under `secret`.
+fn sealed_under(secret: &str, token: &str, authorization: &str) -> (String, Vec<u8>) {
+    let token = phantom_authz::token::parse_token(token, 4096).unwrap();
+    let slot = phantom_authz::cache::redis::Slot::derive(secret.as_bytes(), token);
+    let entry = phantom_authz::cache::CachedJwt {
+        authorization: authorization.into(),
+        expires_at_ms: (unix_now() + 3600) * 1000,
+    };
+    (slot.name().to_owned(), slot.seal(&entry).unwrap())
+}
+
+#[tokio::test]
+async fn a_redis_writer_without_the_cache_secret_cannot_forge_an_allow() {
+    let redis = Redis::start();
+    // The IdP has never heard of the invented token.
+    let idp = Idp::start(|_| Reply::status(204)).await;
+    let service = Service::start(
+        &idp.url(),
+        "jwt",
+        &["--redis-url", &redis.url(), "--inactive-cache-ttl", "0"],
+    );
+    let mut conn = redis.connection().await;
+    let forged_jwt = format!(
+        "Bearer {}",
+        make_jwt("attacker", Some(unix_now() + 3600), 0)
+    );
+    let mut plants = vec![forged_without_the_secret("invented-token", &forged_jwt)];
+    // Guessed secrets, and another deployment's real one.
+    for guess in [
+        "",
+        "invented-token",
+        "another-deployment-cache-secret-0123456789",
+    ] {
+        plants.push(sealed_under(guess, "invented-token", &forged_jwt));
+    }
+    for (name, value) in &plants {
+        let _: () = conn.set(name, value.as_slice()).await.unwrap();
+    }
+    let verdict = check(
+        &mut service.client().await,
+        bearer_request("invented-token"),
+    )
+    .await;
+    assert_eq!(
+        verdict.http_status, 401,
+        "a forged entry was served: {verdict:?}"
+    );
+    assert_eq!(verdict.header("x-injected"), None);
+    assert_eq!(idp.calls(), 1, "the IdP was not asked");
+}
+
+#[tokio::test]
+async fn an_entry_that_opens_is_still_checked_like_an_idp_answer() {
+    let redis = Redis::start();
+    let idp = idp_with(None, 3600).await;
+    let service = Service::start(
+        &idp.url(),
+        "jwt",
+        &["--redis-url", &redis.url(), "--local-cache-ttl", "0"],
+    );
+    let mut conn = redis.connection().await;
+    let expired = format!("Bearer {}", make_jwt("stale", Some(unix_now() - 10), 0));
+    for (token, authorization) in [
+        ("injected", "Bearer not.a.jwt\r\nX-Injected: yes"),
+        ("expired", expired.as_str()),
+        ("basic", "Basic YWxhZGRpbjpvcGVuc2VzYW1l"),
+    ] {
+        // Sealed with the replicas' own secret, as a compromised replica could.
+        let (name, value) = sealed_under(CACHE_SECRET, token, authorization);
+        let _: () = conn.set(&name, value.as_slice()).await.unwrap();
+        let jwt = allowed(&service, token).await;
+        assert!(jwt.starts_with("Bearer ey"), "{jwt:?}");
+        assert!(
+            !jwt.contains("not.a.jwt") && !jwt.contains("Basic"),
+            "{jwt:?}"
+        );
+    }
+    assert_eq!(idp.calls(), 3);
+    assert_eq!(
+        service
+            .metric(
+                "phantom_authz_cache_lookups_total",
+                &[("tier", "redis"), ("result", "invalid")]
+            )
+            .await,
+        3.0
+    );
+}
+
+#[tokio::test]
+async fn replicas_share_entries_only_when_they_share_a_cache_secret() {
+    let redis = Redis::start();
+    let idp = idp_with(None, 3600).await;
+    let first = cache_secret_file(&["first-deployment-cache-secret-0123456789"]);
+    let second = cache_secret_file(&["second-deployment-cache-secret-012345678"]);
+    let start = |file: &tempfile::TempPath| {
+        Service::start(
+            &idp.url(),
+            "jwt",
+            &[
+                "--redis-url",
+                &redis.url(),
+                "--cache-secret-file",
+                file.to_str().unwrap(),
+            ],
+        )
+    };
+    let a = start(&first);
+    let b = start(&second);
+    allowed(&a, "shared-token").await;
+    let mut conn = redis.connection().await;
+    written_keys(&mut conn).await;
+    // Another secret names another key: a miss, neither a hit nor an invalid entry.
+    allowed(&b, "shared-token").await;
+    assert_eq!(idp.calls(), 2);
+    let invalid = [("tier", "redis"), ("result", "invalid")];
+    assert_eq!(
+        b.metric("phantom_authz_cache_lookups_total", &invalid)
+            .await,
+        0.0
+    );
+
+    // Rotation: a new secret first, the old one still listed, finds the old entries.
+    let rotated = cache_secret_file(&[
+        "third-deployment-cache-secret-0123456789",
+        "first-deployment-cache-secret-0123456789",
+    ]);
+    let c = start(&rotated);
+    allowed(&c, "shared-token").await;
+    assert_eq!(
+        idp.calls(),
+        2,
+        "the rotated replica did not read the old secret's entry"
+    );
+    let hits = [("tier", "redis"), ("result", "hit")];
+    assert_eq!(
+        c.metric("phantom_authz_cache_lookups_total", &hits).await,
         1.0
     );
 }

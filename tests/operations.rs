@@ -248,6 +248,19 @@ fn bad_configuration_exits_non_zero_naming_the_flag() {
         ),
         (&base[..], "--client-secret"),
         (
+            &[
+                &base[..],
+                &[
+                    "--client-secret",
+                    "hunter2-secret",
+                    "--redis-url",
+                    "redis://cache:6379",
+                ],
+            ]
+            .concat(),
+            "--cache-secret-file",
+        ),
+        (
             &[&base[..], &["--client-secret-file", "/nonexistent/secret"]].concat(),
             "--client-secret-file",
         ),
@@ -365,13 +378,17 @@ fn check_config_validates_and_prints_with_secrets_masked() {
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("secret");
     std::fs::write(&secret, "hunter2-secret\n").unwrap();
+    let cache_secret = dir.path().join("cache-secret");
+    std::fs::write(&cache_secret, "cache-secret-of-thirty-two-bytes-or-more\n").unwrap();
     let config = dir.path().join("phantom-authz.toml");
     std::fs::write(
         &config,
         format!(
             "introspection-url = \"https://idp.example/introspect\"\nclient-id = \"gw\"\n\
-             client-secret-file = \"{}\"\nredis-url = \"redis://:redis-password@cache:6379\"\n",
-            secret.display()
+             client-secret-file = \"{}\"\nredis-url = \"redis://:redis-password@cache:6379\"\n\
+             cache-secret-file = \"{}\"\n",
+            secret.display(),
+            cache_secret.display()
         ),
     )
     .unwrap();
@@ -393,9 +410,18 @@ fn check_config_validates_and_prints_with_secrets_masked() {
     );
     assert!(stdout.contains("redis://***@cache:6379"), "{stdout}");
     assert!(
-        !stdout.contains("hunter2") && !stdout.contains("redis-password"),
+        !stdout.contains("hunter2")
+            && !stdout.contains("redis-password")
+            && !stdout.contains("cache-secret-of"),
         "{stdout}"
     );
+
+    // A cache secret too short to be one fails the check, naming the flag and not the secret.
+    std::fs::write(&cache_secret, "short-cache-secret\n").unwrap();
+    let (code, stderr) = run_binary(&["check-config", "--config", config.to_str().unwrap()], &[]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--cache-secret-file"), "{stderr}");
+    assert!(!stderr.contains("short-cache-secret"), "{stderr}");
 
     // A file it names that cannot be read fails the check, naming the flag.
     std::fs::remove_file(&secret).unwrap();

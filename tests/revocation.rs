@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::*;
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use redis::AsyncCommands;
 use tonic::Code;
 
@@ -18,13 +19,18 @@ const ADMIN_SECRET: &str = "admin-Secret-0123456789abcdef";
 
 /// An IdP that vouches for every token until `revoked` is set, then calls them all inactive.
 async fn revocable_idp() -> (Idp, Arc<AtomicBool>) {
+    slow_revocable_idp(Duration::ZERO).await
+}
+
+/// The same, taking `delay` to answer a vouching introspection.
+async fn slow_revocable_idp(delay: Duration) -> (Idp, Arc<AtomicBool>) {
     let revoked = Arc::new(AtomicBool::new(false));
     let flag = revoked.clone();
     let idp = Idp::start(move |seen| {
         if flag.load(Ordering::SeqCst) {
             Reply::status(204)
         } else {
-            Reply::jwt(&make_jwt(&seen.token, Some(unix_now() + 3600), 300))
+            Reply::jwt(&make_jwt(&seen.token, Some(unix_now() + 3600), 300)).delay(delay)
         }
     })
     .await;
@@ -42,8 +48,24 @@ fn secret_file(secret: &str) -> (tempfile::TempDir, PathBuf) {
 /// A replica on `redis` keeping in-process entries for a minute, with the admin API when
 /// `admin_token_file` is given.
 fn replica(idp: &Idp, redis: &Redis, admin_token_file: Option<&PathBuf>) -> Service {
+    replica_with(idp, redis, admin_token_file, "60s")
+}
+
+fn replica_with(
+    idp: &Idp,
+    redis: &Redis,
+    admin_token_file: Option<&PathBuf>,
+    local_cache_ttl: &str,
+) -> Service {
     let url = redis.url();
-    let mut extra = vec!["--redis-url", &url, "--local-cache-ttl", "60s"];
+    let mut extra = vec![
+        "--redis-url",
+        &url,
+        "--local-cache-ttl",
+        local_cache_ttl,
+        "--check-timeout",
+        "10s",
+    ];
     let file;
     if let Some(path) = admin_token_file {
         file = path.to_str().unwrap().to_owned();
@@ -64,7 +86,28 @@ async fn status_of(service: &Service, token: &str) -> u16 {
 
 async fn redis_keys(redis: &Redis) -> Vec<String> {
     let mut conn = redis.connection().await;
-    conn.keys("phantom-authz:v1:*").await.unwrap()
+    conn.keys("phantom-authz:v2:*").await.unwrap()
+}
+
+/// The values of every cache key: sealed entries, or tombstones after an eviction.
+async fn redis_values(redis: &Redis) -> Vec<Vec<u8>> {
+    let mut conn = redis.connection().await;
+    let mut values = Vec::new();
+    for key in redis_keys(redis).await {
+        values.push(conn.get(key).await.unwrap());
+    }
+    values
+}
+
+/// A Check left running in the background, as a client waiting on a slow introspection.
+fn check_in_background(service: &Service, token: &'static str) -> tokio::task::JoinHandle<u16> {
+    let grpc = service.grpc;
+    tokio::spawn(async move {
+        let mut client = AuthorizationClient::connect(format!("http://{grpc}"))
+            .await
+            .unwrap();
+        check(&mut client, bearer_request(token)).await.http_status
+    })
 }
 
 async fn wait_for_subscribers(redis: &Redis, count: u64) {
@@ -134,17 +177,16 @@ async fn an_eviction_through_one_replica_reaches_every_replica() {
     .unwrap();
     assert!(response.redis_deleted);
     assert_eq!(response.replicas_notified, 2);
-    assert!(redis_keys(&redis).await.is_empty());
+    // Both replicas confirmed before the call returned: no waiting for the notice here.
+    assert_eq!(response.replicas_confirmed, 2);
+    assert_eq!(redis_values(&redis).await, [b"evicted".to_vec()]);
     for replica in [&a, &b] {
-        assert!(
-            eventually(Duration::from_secs(2), async || {
-                replica
-                    .metric("phantom_authz_evictions_total", &[("source", "pubsub")])
-                    .await
-                    == 1.0
-            })
-            .await,
-            "a replica never heard of the eviction"
+        assert_eq!(
+            replica
+                .metric("phantom_authz_evictions_total", &[("source", "pubsub")])
+                .await,
+            1.0,
+            "a replica had not heard of the eviction when it returned"
         );
     }
     assert_eq!(
@@ -172,6 +214,81 @@ async fn an_eviction_through_one_replica_reaches_every_replica() {
         assert!(!log.contains("soon-revoked"), "{log}");
         assert!(!log.contains(ADMIN_SECRET), "{log}");
     }
+}
+
+#[tokio::test]
+async fn an_eviction_during_an_introspection_sticks_on_the_evicting_replica() {
+    let redis = Redis::start();
+    let (idp, revoked) = slow_revocable_idp(Duration::from_millis(1_500)).await;
+    let (_dir, admin_token) = secret_file(ADMIN_SECRET);
+    let a = replica(&idp, &redis, Some(&admin_token));
+    wait_for_subscribers(&redis, 1).await;
+    wait_until_listening(&a, 1).await;
+
+    // A Check is waiting on an introspection that began before the revocation…
+    let racing = check_in_background(&a, "racing");
+    assert!(eventually(Duration::from_secs(5), async || idp.calls() == 1).await);
+    revoked.store(true, Ordering::SeqCst);
+    let response = evict(
+        a.admin_grpc().unwrap(),
+        Some(&bearer(ADMIN_SECRET)),
+        "racing",
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.replicas_confirmed, 1);
+    // …and gets its answer, as any Check concurrent with an eviction may; but the answer is
+    // not remembered: the next Check asks the IdP, which now says inactive.
+    assert_eq!(racing.await.unwrap(), 200);
+    assert_eq!(status_of(&a, "racing").await, 401);
+    assert_eq!(idp.calls(), 2);
+    assert_eq!(redis_values(&redis).await, [b"evicted".to_vec()]);
+}
+
+#[tokio::test]
+async fn an_eviction_during_a_lookup_on_another_replica_sticks_there_and_in_redis() {
+    let redis = Redis::start();
+    let (idp, revoked) = slow_revocable_idp(Duration::from_millis(1_500)).await;
+    let (_dir, admin_token) = secret_file(ADMIN_SECRET);
+    let a = replica(&idp, &redis, Some(&admin_token));
+    // Without an in-process tier, B's late answer goes straight to Redis: the tombstone the
+    // eviction left must hold it off.
+    let b = replica_with(&idp, &redis, None, "0");
+    wait_for_subscribers(&redis, 2).await;
+    wait_until_listening(&a, 1).await;
+    wait_until_listening(&b, 1).await;
+
+    let racing = check_in_background(&b, "racing");
+    assert!(eventually(Duration::from_secs(5), async || idp.calls() == 1).await);
+    revoked.store(true, Ordering::SeqCst);
+    let response = evict(
+        a.admin_grpc().unwrap(),
+        Some(&bearer(ADMIN_SECRET)),
+        "racing",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (response.replicas_notified, response.replicas_confirmed),
+        (2, 2)
+    );
+    assert_eq!(racing.await.unwrap(), 200);
+    // B tried to store its late answer (one SET, refused by the tombstone).
+    let writes = [("op", "set")];
+    assert!(
+        eventually(Duration::from_secs(5), async || {
+            b.metric("phantom_authz_redis_duration_seconds_count", &writes)
+                .await
+                == 1.0
+        })
+        .await,
+        "B never wrote its answer"
+    );
+    assert_eq!(redis_values(&redis).await, [b"evicted".to_vec()]);
+    for replica in [&a, &b] {
+        assert_eq!(status_of(replica, "racing").await, 401);
+    }
+    assert_eq!(idp.calls(), 3);
 }
 
 #[tokio::test]
@@ -280,13 +397,11 @@ async fn the_subscriber_resubscribes_after_redis_restarts() {
         .unwrap();
     assert!(response.redis_deleted);
     assert_eq!(response.replicas_notified, 2);
-    assert!(
-        eventually(Duration::from_secs(2), async || {
-            b.metric("phantom_authz_evictions_total", &[("source", "pubsub")])
-                .await
-                == 1.0
-        })
-        .await
+    assert_eq!(response.replicas_confirmed, 2);
+    assert_eq!(
+        b.metric("phantom_authz_evictions_total", &[("source", "pubsub")])
+            .await,
+        1.0
     );
     assert_eq!(status_of(&b, "tok").await, 200);
     assert_eq!(idp.calls(), 3, "B served an evicted token from memory");

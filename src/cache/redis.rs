@@ -1,15 +1,24 @@
-//! The shared tier in Redis, sealed so that reading Redis reveals nothing.
+//! The shared tier in Redis: entries that nobody without the cache secret can read, name or
+//! forge.
 //!
-//! Key: `phantom-authz:v1:<hex SHA-256 of the token>`. Value: `nonce ‖ AES-256-GCM(expiry ‖ JWT)`
-//! under a key derived from the token with HKDF-SHA256, the Redis key as associated data. Only a
-//! holder of the token can read an entry or plant one that decrypts; the TTL lives in Redis
-//! (one `SET … PX`). Every command is bounded by a timeout; the connection reconnects by itself.
+//! For each token and each secret of `--cache-secret-file`, HKDF-SHA256 (salt: the secret,
+//! input: the token) gives two independent outputs: the key's name,
+//! `phantom-authz:v2:<hex>`, and the AES-256-GCM key that seals its value,
+//! `nonce ‖ AES-256-GCM(expiry ‖ Authorization)`, with the name as associated data. The first
+//! secret names and seals new entries; every secret is tried when reading, so a secret can be
+//! rotated without a flush. A value that opens is still checked like an IdP answer (a compact
+//! JWT that has not expired) before it is used. The TTL lives in Redis (one `SET … PX NX`).
+//! Every command is bounded by a timeout; the connection reconnects by itself.
 //!
-//! An eviction deletes the key and publishes the digest on [`EVICTION_CHANNEL`], to which every
-//! replica subscribes (see [`crate::revocation`]).
+//! An eviction overwrites the token's keys with a short-lived [`TOMBSTONE`] (which writes never
+//! overwrite, so a lookup that began before the eviction cannot resurrect the entry), then
+//! publishes the token's digest and an eviction id on [`EVICTION_CHANNEL`]. Every replica drops
+//! its in-process copy and confirms on [`CONFIRM_CHANNEL`]; the eviction waits for those
+//! confirmations (see [`crate::revocation`] for the subscriber).
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
@@ -18,27 +27,188 @@ use hkdf::Hkdf;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Client, IntoConnectionInfo};
 use sha2::Sha256;
+use tokio::sync::watch;
 
 use super::{CacheError, CachedJwt, Eviction, SharedCache, now_ms};
 use crate::config::Secret;
 use crate::decision::Authorization;
-use crate::introspection::BoxFuture;
+use crate::introspection::{self, BoxFuture};
 use crate::metrics;
 use crate::token::{CacheKey, Token};
 
-/// The pub/sub channel on which evictions travel; a message is a digest in hex, never a token.
-pub const EVICTION_CHANNEL: &str = "phantom-authz:v1:evict";
+/// The pub/sub channel on which evictions travel: `<token digest hex> <eviction id hex>`, never
+/// a token.
+pub const EVICTION_CHANNEL: &str = "phantom-authz:v2:evict";
+
+/// The channel on which replicas confirm an eviction: `<eviction id hex>`.
+pub const CONFIRM_CHANNEL: &str = "phantom-authz:v2:evicted";
+
+/// Prefix of every key; a new key or value format gets a new version.
+pub const KEY_PREFIX: &str = "phantom-authz:v2:";
+
+/// What an evicted token's keys hold until every lookup that could predate the eviction is over.
+pub const TOMBSTONE: &[u8] = b"evicted";
+
+/// How long an eviction waits for replicas to confirm they dropped their copies.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Shortest secret accepted: 256 bits.
+pub const MIN_SECRET_LEN: usize = 32;
 
 const NONCE_LEN: usize = 12;
 const EXPIRY_LEN: usize = 8;
+
+/// The secrets entries are bound to; the first names and seals, all open.
+#[derive(Clone)]
+pub struct CacheSecrets(Vec<Secret>);
+
+impl std::fmt::Debug for CacheSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CacheSecrets({} × ***)", self.0.len())
+    }
+}
+
+impl CacheSecrets {
+    /// Reads a `--cache-secret-file`: one secret per line, surrounding blanks trimmed, blank
+    /// lines skipped. Errors name the line, never its content.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut secrets = Vec::new();
+        for (number, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() {
+                continue;
+            }
+            if line.len() < MIN_SECRET_LEN {
+                return Err(format!(
+                    "line {} holds {} bytes; every secret must be {MIN_SECRET_LEN} bytes or \
+                     more (e.g. `head -c 32 /dev/urandom | base64`)",
+                    number + 1,
+                    line.len()
+                ));
+            }
+            secrets.push(Secret::new(line));
+        }
+        if secrets.is_empty() {
+            return Err("holds no secret".into());
+        }
+        Ok(Self(secrets))
+    }
+
+    fn slots(&self, token: Token<'_>) -> Vec<Slot> {
+        self.0
+            .iter()
+            .map(|secret| Slot::derive(secret.expose().as_bytes(), token))
+            .collect()
+    }
+}
+
+/// Where one token's entry lives under one secret, and the AEAD that seals it.
+pub struct Slot {
+    name: String,
+    sealer: Aes256Gcm,
+}
+
+impl Slot {
+    pub fn derive(secret: &[u8], token: Token<'_>) -> Self {
+        let hkdf = Hkdf::<Sha256>::new(Some(secret), token.expose().as_bytes());
+        let mut name = [0u8; 32];
+        let mut key = [0u8; 32];
+        hkdf.expand(b"phantom-authz v2 redis key name", &mut name)
+            .expect("32 bytes is a valid HKDF-SHA256 output length");
+        hkdf.expand(b"phantom-authz v2 value key", &mut key)
+            .expect("32 bytes is a valid HKDF-SHA256 output length");
+        let mut full = String::with_capacity(KEY_PREFIX.len() + 64);
+        full.push_str(KEY_PREFIX);
+        for byte in name {
+            full.push(char::from(HEX[usize::from(byte >> 4)]));
+            full.push(char::from(HEX[usize::from(byte & 0xf)]));
+        }
+        Self {
+            name: full,
+            sealer: Aes256Gcm::new(&key.into()),
+        }
+    }
+
+    /// The Redis key.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Encrypts `expiry ‖ Authorization` under a fresh random nonce.
+    pub fn seal(&self, entry: &CachedJwt) -> Result<Vec<u8>, CacheError> {
+        let mut nonce = [0u8; NONCE_LEN];
+        getrandom::fill(&mut nonce).map_err(|_| CacheError::Redis("no randomness".into()))?;
+        let mut plaintext = Vec::with_capacity(EXPIRY_LEN + entry.authorization.len());
+        plaintext.extend_from_slice(&entry.expires_at_ms.to_be_bytes());
+        plaintext.extend_from_slice(entry.authorization.as_bytes());
+        let ciphertext = self
+            .sealer
+            .encrypt(
+                &Nonce::from(nonce),
+                Payload {
+                    msg: &plaintext,
+                    aad: self.name.as_bytes(),
+                },
+            )
+            .map_err(|_| CacheError::Corrupt)?;
+        let mut value = Vec::with_capacity(NONCE_LEN + ciphertext.len());
+        value.extend_from_slice(&nonce);
+        value.extend_from_slice(&ciphertext);
+        Ok(value)
+    }
+
+    /// Decrypts a value and checks it as an IdP answer would be checked: `Bearer ` and a compact
+    /// JWT (so nothing but header-safe bytes), neither the JWT's `exp` nor the entry's expiry
+    /// past. Anything else is `Corrupt`.
+    pub fn open(&self, value: &[u8], now_ms: u64) -> Result<CachedJwt, CacheError> {
+        let (nonce, ciphertext) = value
+            .split_at_checked(NONCE_LEN)
+            .ok_or(CacheError::Corrupt)?;
+        let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| CacheError::Corrupt)?;
+        let plaintext = self
+            .sealer
+            .decrypt(
+                &Nonce::from(nonce),
+                Payload {
+                    msg: ciphertext,
+                    aad: self.name.as_bytes(),
+                },
+            )
+            .map_err(|_| CacheError::Corrupt)?;
+        let (expiry, authorization) = plaintext
+            .split_at_checked(EXPIRY_LEN)
+            .ok_or(CacheError::Corrupt)?;
+        let expires_at_ms = u64::from_be_bytes(expiry.try_into().map_err(|_| CacheError::Corrupt)?);
+        let authorization = std::str::from_utf8(authorization).map_err(|_| CacheError::Corrupt)?;
+        let jwt = authorization
+            .strip_prefix("Bearer ")
+            .ok_or(CacheError::Corrupt)?;
+        let jwt_exp = introspection::jwt_exp(jwt).map_err(|_| CacheError::Corrupt)?;
+        let expired = jwt_exp.is_some_and(|exp| exp.saturating_mul(1000) <= now_ms);
+        if expired || expires_at_ms <= now_ms {
+            return Err(CacheError::Corrupt);
+        }
+        Ok(CachedJwt {
+            authorization: Authorization::from(authorization),
+            expires_at_ms,
+        })
+    }
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
 
 /// The Redis tier.
 pub struct RedisCache {
     connection: ConnectionManager,
     /// The client the connection came from, for the eviction subscriber's own connection.
     client: Client,
+    secrets: CacheSecrets,
     timeout: Duration,
+    /// How long a tombstone outlives the eviction: past the longest lookup that could predate it.
+    tombstone_ttl: Duration,
     healthy: Arc<RedisHealth>,
+    /// Evictions of this replica waiting for confirmations, by id: how many came in.
+    pending: Arc<Mutex<HashMap<u64, watch::Sender<u64>>>>,
 }
 
 /// Whether Redis answers, and when to try it again while it does not.
@@ -111,7 +281,14 @@ impl RedisHealth {
 impl RedisCache {
     /// Prepares a lazily connected, self-reconnecting client: Redis may be down at start-up.
     /// `ca_pem`: CAs for a rediss:// server's certificate instead of the system roots.
-    pub fn new(url: &Secret, ca_pem: Option<Vec<u8>>, timeout: Duration) -> Result<Self, String> {
+    /// `tombstone_ttl` must exceed the longest lookup (Redis, introspection, write).
+    pub fn new(
+        url: &Secret,
+        ca_pem: Option<Vec<u8>>,
+        secrets: CacheSecrets,
+        timeout: Duration,
+        tombstone_ttl: Duration,
+    ) -> Result<Self, String> {
         // The URL may carry a password: errors name the flag, never the value.
         let info = url
             .expose()
@@ -145,8 +322,11 @@ impl RedisCache {
         Ok(Self {
             connection,
             client,
+            secrets,
             timeout,
+            tombstone_ttl,
             healthy: Arc::new(RedisHealth::default()),
+            pending: Arc::default(),
         })
     }
 
@@ -158,6 +338,61 @@ impl RedisCache {
     /// A client for the same server, with the same settings: pub/sub needs its own connection.
     pub fn client(&self) -> Client {
         self.client.clone()
+    }
+
+    /// Tells the evicting replica that this one dropped its copy (`id` as it came, in hex).
+    pub async fn confirm(&self, id: &str) -> Result<(), CacheError> {
+        let mut connection = self.connection.clone();
+        timed(
+            "confirm",
+            self.timeout,
+            &self.healthy,
+            connection.publish::<_, _, ()>(CONFIRM_CHANNEL, id),
+        )
+        .await
+    }
+
+    /// Counts a confirmation of one of this replica's evictions; others' are ignored.
+    pub fn confirmed(&self, id: &[u8]) {
+        let Some(id) = parse_id(id) else { return };
+        if let Some(count) = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+        {
+            count.send_modify(|n| *n += 1);
+        }
+    }
+}
+
+/// Reads an eviction notice: the token's digest and the eviction's id.
+pub fn parse_notice(payload: &[u8]) -> Option<(CacheKey, &str)> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let (key, id) = text.split_once(' ')?;
+    parse_id(id.as_bytes())?;
+    Some((CacheKey::from_hex(key.as_bytes())?, id))
+}
+
+fn parse_id(id: &[u8]) -> Option<u64> {
+    if id.len() != 16 {
+        return None;
+    }
+    u64::from_str_radix(std::str::from_utf8(id).ok()?, 16).ok()
+}
+
+/// Forgets a pending eviction when its wait ends, however it ends.
+struct Pending {
+    pending: Arc<Mutex<HashMap<u64, watch::Sender<u64>>>>,
+    id: u64,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
     }
 }
 
@@ -196,189 +431,254 @@ async fn timed<T>(
 impl SharedCache for RedisCache {
     fn get<'a>(
         &'a self,
-        key: &'a CacheKey,
+        _key: &'a CacheKey,
         token: Token<'a>,
     ) -> BoxFuture<'a, Result<Option<CachedJwt>, CacheError>> {
         Box::pin(async move {
-            let redis_key = key.redis_key();
+            let slots = self.secrets.slots(token);
             let mut connection = self.connection.clone();
-            let value: Option<Vec<u8>> = timed(
-                "get",
-                self.timeout,
-                &self.healthy,
-                connection.get(&redis_key),
-            )
-            .await?;
-            let Some(value) = value else {
-                return Ok(None);
+            let values: Vec<Option<Vec<u8>>> = if let [slot] = slots.as_slice() {
+                let value = timed(
+                    "get",
+                    self.timeout,
+                    &self.healthy,
+                    connection.get(slot.name()),
+                )
+                .await?;
+                vec![value]
+            } else {
+                let names: Vec<&str> = slots.iter().map(Slot::name).collect();
+                timed("get", self.timeout, &self.healthy, connection.mget(&names)).await?
             };
-            let entry = open(&Sealer::for_token(token), &redis_key, &value)?;
-            Ok((entry.expires_at_ms > now_ms()).then_some(entry))
+            let now_ms = now_ms();
+            let mut corrupt = false;
+            for (slot, value) in slots.iter().zip(values) {
+                match value.as_deref() {
+                    None => {}
+                    // Evicted moments ago: a miss, whatever another secret's key holds.
+                    Some(TOMBSTONE) => return Ok(None),
+                    Some(value) => match slot.open(value, now_ms) {
+                        Ok(entry) => return Ok(Some(entry)),
+                        Err(_) => corrupt = true,
+                    },
+                }
+            }
+            if corrupt {
+                Err(CacheError::Corrupt)
+            } else {
+                Ok(None)
+            }
         })
     }
 
     fn put(
         &self,
-        key: &CacheKey,
+        _key: &CacheKey,
         token: Token<'_>,
         entry: &CachedJwt,
         ttl: Duration,
     ) -> BoxFuture<'static, Result<(), CacheError>> {
-        let redis_key = key.redis_key();
-        let value = seal(&Sealer::for_token(token), &redis_key, entry);
+        let slot = Slot::derive(self.secrets.0[0].expose().as_bytes(), token);
+        let value = slot.seal(entry);
         let mut connection = self.connection.clone();
         let timeout = self.timeout;
         let healthy = self.healthy.clone();
-        let ttl_ms = ttl.as_millis().max(1) as u64;
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
         Box::pin(async move {
             let value = value?;
+            // NX: an entry already there is as good as ours, and a tombstone must stay.
+            let mut set = redis::cmd("SET");
+            set.arg(slot.name())
+                .arg(value)
+                .arg("PX")
+                .arg(ttl_ms)
+                .arg("NX");
             timed(
                 "set",
                 timeout,
                 &healthy,
-                connection.pset_ex::<_, _, ()>(redis_key, value, ttl_ms),
+                set.query_async::<Option<String>>(&mut connection),
             )
             .await
+            .map(drop)
         })
     }
 
-    fn evict(&self, key: &CacheKey) -> BoxFuture<'static, Result<Eviction, CacheError>> {
+    fn evict(
+        &self,
+        key: &CacheKey,
+        token: Token<'_>,
+    ) -> BoxFuture<'static, Result<Eviction, CacheError>> {
+        let slots = self.secrets.slots(token);
         let mut connection = self.connection.clone();
         let timeout = self.timeout;
         let healthy = self.healthy.clone();
-        let mut pipeline = redis::pipe();
-        pipeline
-            .del(key.redis_key())
-            .publish(EVICTION_CHANNEL, key.to_hex());
+        let tombstone_ms = u64::try_from(self.tombstone_ttl.as_millis()).unwrap_or(u64::MAX);
+        let pending = self.pending.clone();
+        let digest = key.to_hex();
         Box::pin(async move {
-            let (deleted, notified): (u64, u64) = timed(
+            let id = random_id();
+            let (count, mut confirmations) = watch::channel(0u64);
+            pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id, count);
+            let _pending = Pending { pending, id };
+
+            // Tombstones first: a replica told of the eviction must find them in place.
+            let mut tombstones = redis::pipe();
+            for slot in &slots {
+                tombstones
+                    .cmd("SET")
+                    .arg(slot.name())
+                    .arg(TOMBSTONE)
+                    .arg("PX")
+                    .arg(tombstone_ms)
+                    .arg("GET");
+            }
+            let previous: Vec<Option<Vec<u8>>> = timed(
                 "evict",
                 timeout,
                 &healthy,
-                pipeline.query_async(&mut connection),
+                tombstones.query_async(&mut connection),
             )
             .await?;
+            let deleted = previous
+                .iter()
+                .any(|value| value.as_deref().is_some_and(|v| v != TOMBSTONE));
+            let notice = format!("{digest} {id:016x}");
+            let notified: u64 = timed(
+                "evict",
+                timeout,
+                &healthy,
+                connection.publish(EVICTION_CHANNEL, notice),
+            )
+            .await?;
+            let _ = tokio::time::timeout(
+                CONFIRM_TIMEOUT,
+                confirmations.wait_for(|confirmed| *confirmed >= notified),
+            )
+            .await;
+            let confirmed = *confirmations.borrow();
             Ok(Eviction {
-                deleted: deleted > 0,
+                deleted,
                 notified,
+                confirmed: confirmed.min(notified),
             })
         })
     }
 }
 
-/// The AEAD keyed from the token.
-pub struct Sealer(Aes256Gcm);
-
-impl Sealer {
-    pub fn for_token(token: Token<'_>) -> Self {
-        let hkdf = Hkdf::<Sha256>::new(Some(b"phantom-authz cache v1"), token.expose().as_bytes());
-        let mut key = [0u8; 32];
-        hkdf.expand(b"cache value encryption key", &mut key)
-            .expect("32 bytes is a valid HKDF-SHA256 output length");
-        Self(Aes256Gcm::new(&key.into()))
-    }
-}
-
-/// Encrypts `expiry ‖ JWT-authorization` under a fresh random nonce.
-pub fn seal(sealer: &Sealer, redis_key: &str, entry: &CachedJwt) -> Result<Vec<u8>, CacheError> {
-    let mut nonce = [0u8; NONCE_LEN];
-    getrandom::fill(&mut nonce).map_err(|_| CacheError::Redis("no randomness".into()))?;
-    let mut plaintext = Vec::with_capacity(EXPIRY_LEN + entry.authorization.len());
-    plaintext.extend_from_slice(&entry.expires_at_ms.to_be_bytes());
-    plaintext.extend_from_slice(entry.authorization.as_bytes());
-    let ciphertext = sealer
-        .0
-        .encrypt(
-            &Nonce::from(nonce),
-            Payload {
-                msg: &plaintext,
-                aad: redis_key.as_bytes(),
-            },
-        )
-        .map_err(|_| CacheError::Corrupt)?;
-    let mut value = Vec::with_capacity(NONCE_LEN + ciphertext.len());
-    value.extend_from_slice(&nonce);
-    value.extend_from_slice(&ciphertext);
-    Ok(value)
-}
-
-/// Decrypts and checks a value; anything that fails is `Corrupt`.
-pub fn open(sealer: &Sealer, redis_key: &str, value: &[u8]) -> Result<CachedJwt, CacheError> {
-    if value.len() < NONCE_LEN {
-        return Err(CacheError::Corrupt);
-    }
-    let (nonce, ciphertext) = value.split_at(NONCE_LEN);
-    let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| CacheError::Corrupt)?;
-    let plaintext = sealer
-        .0
-        .decrypt(
-            &Nonce::from(nonce),
-            Payload {
-                msg: ciphertext,
-                aad: redis_key.as_bytes(),
-            },
-        )
-        .map_err(|_| CacheError::Corrupt)?;
-    if plaintext.len() <= EXPIRY_LEN {
-        return Err(CacheError::Corrupt);
-    }
-    let (expiry, authorization) = plaintext.split_at(EXPIRY_LEN);
-    let expires_at_ms = u64::from_be_bytes(expiry.try_into().map_err(|_| CacheError::Corrupt)?);
-    let authorization = std::str::from_utf8(authorization).map_err(|_| CacheError::Corrupt)?;
-    if !authorization.starts_with("Bearer ") {
-        return Err(CacheError::Corrupt);
-    }
-    Ok(CachedJwt {
-        authorization: Authorization::from(authorization),
-        expires_at_ms,
-    })
+fn random_id() -> u64 {
+    let mut bytes = [0u8; 8];
+    // Ids only tell this replica's evictions apart; a clock-derived one serves if randomness
+    // fails.
+    getrandom::fill(&mut bytes).map_or_else(|_| now_ms(), |()| u64::from_ne_bytes(bytes))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::decision::bearer;
-    use crate::token::parse_bearer;
+    use crate::token::parse_token;
+
+    const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+    fn jwt(exp: u64) -> String {
+        use base64::Engine as _;
+        let encode = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        format!(
+            "{}.{}.c2ln",
+            encode(r#"{"alg":"RS256"}"#),
+            encode(&format!(r#"{{"sub":"alice","exp":{exp}}}"#))
+        )
+    }
 
     #[test]
-    fn sealed_entries_open_only_with_their_token() {
-        let header = "Bearer token-one".to_string();
-        let token = parse_bearer(&header, 100).unwrap();
-        let other = "Bearer token-two".to_string();
-        let other = parse_bearer(&other, 100).unwrap();
-        let key = CacheKey::of(token).redis_key();
+    fn entries_open_only_with_their_token_and_secret() {
+        let token = parse_token("token-one", 100).unwrap();
+        let other = parse_token("token-two", 100).unwrap();
+        let now = 1_700_000_000_000;
         let entry = CachedJwt {
-            authorization: bearer("eyJ.eyJzdWIiOiJhbGljZSJ9.sig"),
-            expires_at_ms: 1_234,
+            authorization: bearer(&jwt(1_800_000_000)),
+            expires_at_ms: now + 60_000,
         };
-        let sealed = seal(&Sealer::for_token(token), &key, &entry).unwrap();
+        let slot = Slot::derive(SECRET, token);
+        assert!(slot.name().starts_with(KEY_PREFIX));
+        let sealed = slot.seal(&entry).unwrap();
         assert!(!sealed.windows(5).any(|w| w == b"alice" || w == b"token"));
-        assert_eq!(
-            open(&Sealer::for_token(token), &key, &sealed),
-            Ok(entry.clone())
-        );
-        assert_eq!(
-            open(&Sealer::for_token(other), &key, &sealed),
-            Err(CacheError::Corrupt)
-        );
-        assert_eq!(
-            open(&Sealer::for_token(token), "phantom-authz:v1:other", &sealed),
-            Err(CacheError::Corrupt)
-        );
+        assert_eq!(slot.open(&sealed, now), Ok(entry.clone()));
+        // Another token, or another secret, names another key and opens nothing.
+        let theirs = Slot::derive(SECRET, other);
+        assert_ne!(theirs.name(), slot.name());
+        assert_eq!(theirs.open(&sealed, now), Err(CacheError::Corrupt));
+        let rotated = Slot::derive(b"another secret of thirty-two bytes!", token);
+        assert_ne!(rotated.name(), slot.name());
+        assert_eq!(rotated.open(&sealed, now), Err(CacheError::Corrupt));
         let mut tampered = sealed.clone();
         *tampered.last_mut().unwrap() ^= 1;
+        assert_eq!(slot.open(&tampered, now), Err(CacheError::Corrupt));
+        assert_eq!(slot.open(b"short", now), Err(CacheError::Corrupt));
+        // Expired, by the entry's own expiry or by the JWT's.
+        assert_eq!(slot.open(&sealed, now + 60_000), Err(CacheError::Corrupt));
+        let stale = CachedJwt {
+            authorization: bearer(&jwt(1_000)),
+            ..entry.clone()
+        };
         assert_eq!(
-            open(&Sealer::for_token(token), &key, &tampered),
-            Err(CacheError::Corrupt)
-        );
-        assert_eq!(
-            open(&Sealer::for_token(token), &key, b"short"),
+            slot.open(&slot.seal(&stale).unwrap(), now),
             Err(CacheError::Corrupt)
         );
         // Two seals of one entry differ (fresh nonces).
-        assert_ne!(
-            sealed,
-            seal(&Sealer::for_token(token), &key, &entry).unwrap()
+        assert_ne!(sealed, slot.seal(&entry).unwrap());
+    }
+
+    #[test]
+    fn a_sealed_value_that_is_no_jwt_is_refused() {
+        let token = parse_token("token-one", 100).unwrap();
+        let slot = Slot::derive(SECRET, token);
+        for forged in [
+            "Bearer not.a.jwt\r\nX-Injected: yes",
+            "Bearer a.b",
+            "Basic YWxhZGRpbjpvcGVuc2VzYW1l",
+            "",
+        ] {
+            let entry = CachedJwt {
+                authorization: Authorization::from(forged),
+                expires_at_ms: u64::MAX,
+            };
+            let sealed = slot.seal(&entry).unwrap();
+            assert_eq!(
+                slot.open(&sealed, 1),
+                Err(CacheError::Corrupt),
+                "{forged:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn secret_files_need_long_enough_secrets() {
+        let two = CacheSecrets::parse(&format!("\n  {}  \n{}\n", "a".repeat(32), "b".repeat(40)))
+            .unwrap();
+        assert_eq!(two.0.len(), 2);
+        assert!(!format!("{two:?}").contains("aaaa"));
+        let err = CacheSecrets::parse(&format!("{}\nshort-secret\n", "a".repeat(32))).unwrap_err();
+        assert!(err.contains("line 2"), "{err}");
+        assert!(!err.contains("short-secret"), "{err}");
+        assert!(CacheSecrets::parse(" \n\n").is_err());
+    }
+
+    #[test]
+    fn notices_carry_a_digest_and_an_id() {
+        let key = CacheKey::of(parse_token("t", 10).unwrap());
+        let notice = format!("{} {:016x}", key.to_hex(), 42u64);
+        assert_eq!(
+            parse_notice(notice.as_bytes()),
+            Some((key, "000000000000002a"))
         );
+        assert_eq!(parse_notice(key.to_hex().as_bytes()), None);
+        assert_eq!(parse_notice(b"zz 000000000000002a"), None);
+        assert_eq!(parse_id(b"000000000000002a"), Some(42));
+        assert_eq!(parse_id(b"2a"), None);
     }
 }

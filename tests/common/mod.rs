@@ -30,6 +30,22 @@ use tonic::transport::Channel;
 pub const CLIENT_ID: &str = "gateway-client";
 pub const CLIENT_SECRET: &str = "Sup3r-Secret+Value/=";
 
+/// The cache secret the tests' replicas share unless a test gives its own.
+pub const CACHE_SECRET: &str = "test-cache-secret-shared-by-replicas-0123456789";
+
+/// A `--cache-secret-file` holding `secrets`, one per line; deleted with the returned value.
+pub fn cache_secret_file(secrets: &[&str]) -> tempfile::TempPath {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), secrets.join("\n")).unwrap();
+    file.into_temp_path()
+}
+
+/// The file of [`CACHE_SECRET`], written once per test binary.
+fn shared_cache_secret_file() -> &'static std::path::Path {
+    static FILE: std::sync::OnceLock<tempfile::TempPath> = std::sync::OnceLock::new();
+    FILE.get_or_init(|| cache_secret_file(&[CACHE_SECRET]))
+}
+
 // ---------------------------------------------------------------------------------------------
 // The scripted identity server
 
@@ -372,6 +388,14 @@ impl Service {
             .stderr(Stdio::piped());
         for (k, v) in env {
             command.env(k, v);
+        }
+        // Replicas sharing Redis share a cache secret, as in production; a test that gives
+        // --cache-secret-file itself overrides it.
+        if args.contains(&"--redis-url") {
+            command.env(
+                "PHANTOM_AUTHZ_CACHE_SECRET_FILE",
+                shared_cache_secret_file(),
+            );
         }
         let mut child = ChildGuard(Some(spawn_tied(&mut command)));
         let stderr = child.0.as_mut().unwrap().stderr.take().unwrap();
