@@ -148,7 +148,7 @@ impl Authorizer {
     async fn resolve(&self, key: CacheKey, token: Token<'_>, since: Option<Generation>) -> Outcome {
         if let Some(shared) = &self.shared {
             let span = telemetry::cache_span(Tier::Redis);
-            match shared.get(&key, token).instrument(span.clone()).await {
+            match shared.get(token).instrument(span.clone()).await {
                 Ok(Some(entry)) => {
                     looked_up(&span, Tier::Redis, Lookup::Hit);
                     self.remember_locally(since, key, &entry);
@@ -218,7 +218,7 @@ impl Authorizer {
             if let Some(shared) = self.shared.as_ref().filter(|_| fresh) {
                 // The write does not delay the answer; its failure is counted inside. An
                 // eviction that lands first leaves a tombstone the write does not overwrite.
-                let write = shared.put(&key, token, &entry, ttl);
+                let write = shared.put(token, &entry, ttl);
                 tokio::spawn(async move {
                     if let Err(error) = write.await {
                         tracing::debug!(%error, "redis write failed");
@@ -579,7 +579,6 @@ mod tests {
     impl SharedCache for DownCache {
         fn get<'a>(
             &'a self,
-            _key: &'a CacheKey,
             _token: Token<'a>,
         ) -> BoxFuture<'a, Result<Option<CachedJwt>, CacheError>> {
             Box::pin(async { Err(CacheError::Timeout) })
@@ -587,7 +586,6 @@ mod tests {
 
         fn put(
             &self,
-            _key: &CacheKey,
             _token: Token<'_>,
             _entry: &CachedJwt,
             _ttl: Duration,

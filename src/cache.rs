@@ -51,19 +51,14 @@ pub enum CacheError {
 
 /// The cache every replica shares.
 pub trait SharedCache: Send + Sync {
-    /// Looks up the entry for `token` (whose in-process key is `key`), opening it with what
-    /// only a holder of both the token and the cache secret can derive.
-    fn get<'a>(
-        &'a self,
-        key: &'a CacheKey,
-        token: Token<'a>,
-    ) -> BoxFuture<'a, Result<Option<CachedJwt>, CacheError>>;
+    /// Looks up the entry for `token`, opening it with what only a holder of both the token
+    /// and the cache secret can derive.
+    fn get<'a>(&'a self, token: Token<'a>) -> BoxFuture<'a, Result<Option<CachedJwt>, CacheError>>;
 
     /// Prepares the write now (sealing the entry needs the token) and returns a future that owns
     /// everything it needs, so the caller can run it after answering Envoy.
     fn put(
         &self,
-        key: &CacheKey,
         token: Token<'_>,
         entry: &CachedJwt,
         ttl: Duration,

@@ -429,11 +429,7 @@ async fn timed<T>(
 }
 
 impl SharedCache for RedisCache {
-    fn get<'a>(
-        &'a self,
-        _key: &'a CacheKey,
-        token: Token<'a>,
-    ) -> BoxFuture<'a, Result<Option<CachedJwt>, CacheError>> {
+    fn get<'a>(&'a self, token: Token<'a>) -> BoxFuture<'a, Result<Option<CachedJwt>, CacheError>> {
         Box::pin(async move {
             let slots = self.secrets.slots(token);
             let mut connection = self.connection.clone();
@@ -473,7 +469,6 @@ impl SharedCache for RedisCache {
 
     fn put(
         &self,
-        _key: &CacheKey,
         token: Token<'_>,
         entry: &CachedJwt,
         ttl: Duration,
