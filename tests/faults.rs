@@ -420,7 +420,10 @@ async fn redis_absent_at_start_is_used_once_it_appears() {
         eventually(Duration::from_secs(10), async || {
             let (verdict, _) = timed_check(&mut client, bearer_request("after-redis")).await;
             assert_allowed_for(&verdict, "after-redis");
+            // The entry is in Redis, and the service has seen its write succeed (until then
+            // it may still be skipping Redis between probes).
             !redis_keys(&mut conn).await.is_empty()
+                && readyz_redis(&service).await.1.contains(r#""redis":"up""#)
         })
         .await,
         "the service never started using Redis"
