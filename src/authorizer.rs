@@ -123,26 +123,23 @@ impl Authorizer {
         // Read before the flight's first lookup: an eviction after this point keeps the
         // flight's result out of the in-process tier.
         let since = self.local.as_ref().map(LocalCache::generation);
-        let authorizer = Arc::clone(self);
+        let landing = Landing {
+            authorizer: Arc::clone(self),
+            key,
+            answer: answer.clone(),
+        };
         let token = OwnedToken::of(token);
-        let landed = answer.clone();
         tokio::spawn(
             async move {
-                let outcome = authorizer.resolve(key, token.borrow(), since).await;
+                let outcome = landing.authorizer.resolve(key, token.borrow(), since).await;
                 let _ = tx.send(Some(outcome));
-                authorizer.land(key, &landed);
+                // After the answer went out, the flight leaves the map; later Checks find the
+                // caches filled.
+                drop(landing);
             }
             .instrument(tracing::Span::current()),
         );
         answer
-    }
-
-    /// Removes a finished flight, unless an eviction already replaced it with a newer one.
-    fn land(&self, key: CacheKey, answer: &Answer) {
-        let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
-        if flights.get(&key).is_some_and(|f| f.same_channel(answer)) {
-            flights.remove(&key);
-        }
     }
 
     async fn resolve(&self, key: CacheKey, token: Token<'_>, since: Option<Generation>) -> Outcome {
@@ -292,6 +289,30 @@ impl Authorizer {
         };
         self.forget_locally(&key);
         eviction
+    }
+}
+
+/// Removes a flight from the map when its task ends, however it ends (a panic included, so
+/// that the next Check starts afresh), unless an eviction already replaced it with a newer one.
+struct Landing {
+    authorizer: Arc<Authorizer>,
+    key: CacheKey,
+    answer: Answer,
+}
+
+impl Drop for Landing {
+    fn drop(&mut self) {
+        let mut flights = self
+            .authorizer
+            .flights
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if flights
+            .get(&self.key)
+            .is_some_and(|f| f.same_channel(&self.answer))
+        {
+            flights.remove(&self.key);
+        }
     }
 }
 
