@@ -74,57 +74,131 @@ impl From<TokenProblem> for Outcome {
     }
 }
 
-impl Outcome {
-    /// The HTTP status Envoy sends (200 for an allowed request).
-    pub fn http_status(&self) -> u16 {
-        match self {
-            Outcome::Allow(_) => 200,
-            Outcome::NoToken | Outcome::InvalidToken | Outcome::Inactive | Outcome::ExpiredJwt => {
-                401
-            }
-            Outcome::MalformedRequest => 400,
-            Outcome::IdpBadResponse | Outcome::IdpRejected => 502,
-            Outcome::IdpUnavailable => 503,
-            Outcome::IdpUnexpected => 500,
-        }
-    }
-
+/// How one outcome reads on every surface. [`Outcome::row`] is the only place that decides it;
+/// the response, the metrics, the logs and the spans all read it from there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Row {
+    pub decision: Decision,
+    pub http: HttpStatusCode,
     /// The gRPC code in `CheckResponse.status`.
-    pub fn grpc_code(&self) -> Code {
+    pub grpc: Code,
+    /// A bounded label for metrics, logs and spans.
+    pub reason: &'static str,
+    /// The `WWW-Authenticate` challenge a denial carries.
+    pub challenge: Challenge,
+}
+
+/// Whether the request goes on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Allow,
+    Deny,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
         match self {
-            Outcome::Allow(_) => Code::Ok,
-            Outcome::NoToken | Outcome::InvalidToken | Outcome::Inactive | Outcome::ExpiredJwt => {
-                Code::Unauthenticated
-            }
-            Outcome::MalformedRequest => Code::InvalidArgument,
-            Outcome::IdpBadResponse | Outcome::IdpRejected | Outcome::IdpUnavailable => {
-                Code::Unavailable
-            }
-            Outcome::IdpUnexpected => Code::Internal,
+            Decision::Allow => "allow",
+            Decision::Deny => "deny",
+        }
+    }
+}
+
+/// The HTTP statuses Envoy is ever told to send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HttpStatusCode {
+    Ok,
+    BadRequest,
+    Unauthorized,
+    InternalServerError,
+    BadGateway,
+    ServiceUnavailable,
+}
+
+impl HttpStatusCode {
+    pub fn as_u16(self) -> u16 {
+        match self {
+            HttpStatusCode::Ok => 200,
+            HttpStatusCode::BadRequest => 400,
+            HttpStatusCode::Unauthorized => 401,
+            HttpStatusCode::InternalServerError => 500,
+            HttpStatusCode::BadGateway => 502,
+            HttpStatusCode::ServiceUnavailable => 503,
         }
     }
 
-    /// A bounded label for metrics and logs.
-    pub fn reason(&self) -> &'static str {
+    /// The status as a metric label.
+    pub fn label(self) -> &'static str {
         match self {
-            Outcome::Allow(_) => "allowed",
-            Outcome::NoToken => "no_token",
-            Outcome::InvalidToken => "invalid_token",
-            Outcome::MalformedRequest => "malformed_request",
-            Outcome::Inactive => "inactive",
-            Outcome::ExpiredJwt => "expired_jwt",
-            Outcome::IdpBadResponse => "idp_bad_response",
-            Outcome::IdpRejected => "idp_rejected",
-            Outcome::IdpUnavailable => "idp_unavailable",
-            Outcome::IdpUnexpected => "idp_unexpected",
+            HttpStatusCode::Ok => "200",
+            HttpStatusCode::BadRequest => "400",
+            HttpStatusCode::Unauthorized => "401",
+            HttpStatusCode::InternalServerError => "500",
+            HttpStatusCode::BadGateway => "502",
+            HttpStatusCode::ServiceUnavailable => "503",
         }
     }
 
-    /// `"allow"` or `"deny"`.
-    pub fn decision(&self) -> &'static str {
+    /// A failure of the service or what it depends on, not of the client: marks the span.
+    pub fn is_server_error(self) -> bool {
         match self {
-            Outcome::Allow(_) => "allow",
-            _ => "deny",
+            HttpStatusCode::Ok | HttpStatusCode::BadRequest | HttpStatusCode::Unauthorized => false,
+            HttpStatusCode::InternalServerError
+            | HttpStatusCode::BadGateway
+            | HttpStatusCode::ServiceUnavailable => true,
+        }
+    }
+
+    fn envoy(self) -> StatusCode {
+        match self {
+            HttpStatusCode::Ok => StatusCode::Ok,
+            HttpStatusCode::BadRequest => StatusCode::BadRequest,
+            HttpStatusCode::Unauthorized => StatusCode::Unauthorized,
+            HttpStatusCode::InternalServerError => StatusCode::InternalServerError,
+            HttpStatusCode::BadGateway => StatusCode::BadGateway,
+            HttpStatusCode::ServiceUnavailable => StatusCode::ServiceUnavailable,
+        }
+    }
+}
+
+/// The `WWW-Authenticate` challenge of a denial (RFC 6750 §3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Challenge {
+    None,
+    /// `Bearer realm="…"`: no credentials were sent.
+    Bare,
+    /// `error="invalid_token"`.
+    InvalidToken,
+    /// `error="invalid_request"`.
+    InvalidRequest,
+}
+
+impl Outcome {
+    /// The decision table.
+    #[rustfmt::skip]
+    pub fn row(&self) -> Row {
+        use Challenge as C;
+        use Code as G;
+        use Decision::{Allow, Deny};
+        use HttpStatusCode as H;
+        let (decision, http, grpc, reason, challenge) = match self {
+            Outcome::Allow(_)         => (Allow, H::Ok,                  G::Ok,              "allowed",           C::None),
+            Outcome::NoToken          => (Deny,  H::Unauthorized,        G::Unauthenticated, "no_token",          C::Bare),
+            Outcome::InvalidToken     => (Deny,  H::Unauthorized,        G::Unauthenticated, "invalid_token",     C::InvalidToken),
+            Outcome::MalformedRequest => (Deny,  H::BadRequest,          G::InvalidArgument, "malformed_request", C::InvalidRequest),
+            Outcome::Inactive         => (Deny,  H::Unauthorized,        G::Unauthenticated, "inactive",          C::InvalidToken),
+            Outcome::ExpiredJwt       => (Deny,  H::Unauthorized,        G::Unauthenticated, "expired_jwt",       C::InvalidToken),
+            Outcome::IdpBadResponse   => (Deny,  H::BadGateway,          G::Unavailable,     "idp_bad_response",  C::None),
+            Outcome::IdpRejected      => (Deny,  H::BadGateway,          G::Unavailable,     "idp_rejected",      C::None),
+            Outcome::IdpUnavailable   => (Deny,  H::ServiceUnavailable,  G::Unavailable,     "idp_unavailable",   C::None),
+            Outcome::IdpUnexpected    => (Deny,  H::InternalServerError, G::Internal,        "idp_unexpected",    C::None),
+        };
+        Row {
+            decision,
+            http,
+            grpc,
+            reason,
+            challenge,
         }
     }
 }
@@ -150,73 +224,52 @@ impl Responder {
     }
 
     pub fn respond(&self, outcome: &Outcome) -> CheckResponse {
-        let status = Some(Status {
-            code: outcome.grpc_code() as i32,
-            ..Default::default()
-        });
+        let row = outcome.row();
         let http_response = match outcome {
             Outcome::Allow(AllowedJwt(authorization)) => HttpResponse::OkResponse(OkHttpResponse {
-                headers: vec![HeaderValueOption {
-                    header: Some(HeaderValue {
-                        key: "authorization".to_owned(),
-                        value: String::from(&**authorization),
-                        ..Default::default()
-                    }),
-                    append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
-                    ..Default::default()
-                }],
+                headers: vec![overwrite("authorization", String::from(&**authorization))],
                 ..Default::default()
             }),
-            denied => {
-                let challenge = match denied {
-                    Outcome::NoToken => Some(&self.bare_challenge),
-                    Outcome::InvalidToken | Outcome::Inactive | Outcome::ExpiredJwt => {
-                        Some(&self.invalid_token_challenge)
-                    }
-                    Outcome::MalformedRequest => Some(&self.invalid_request_challenge),
-                    Outcome::Allow(_)
-                    | Outcome::IdpBadResponse
-                    | Outcome::IdpRejected
-                    | Outcome::IdpUnavailable
-                    | Outcome::IdpUnexpected => None,
+            _ => {
+                let challenge = match row.challenge {
+                    Challenge::None => None,
+                    Challenge::Bare => Some(&self.bare_challenge),
+                    Challenge::InvalidToken => Some(&self.invalid_token_challenge),
+                    Challenge::InvalidRequest => Some(&self.invalid_request_challenge),
                 };
-                let headers = challenge
-                    .map(|value| HeaderValueOption {
-                        header: Some(HeaderValue {
-                            key: "www-authenticate".to_owned(),
-                            value: value.clone(),
-                            ..Default::default()
-                        }),
-                        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
-                        ..Default::default()
-                    })
-                    .into_iter()
-                    .collect();
                 HttpResponse::DeniedResponse(DeniedHttpResponse {
                     status: Some(HttpStatus {
-                        code: http_status_code(denied.http_status()) as i32,
+                        code: row.http.envoy() as i32,
                     }),
-                    headers,
+                    headers: challenge
+                        .map(|value| overwrite("www-authenticate", value.clone()))
+                        .into_iter()
+                        .collect(),
                     body: String::new(),
                 })
             }
         };
         CheckResponse {
-            status,
+            status: Some(Status {
+                code: row.grpc as i32,
+                ..Default::default()
+            }),
             http_response: Some(http_response),
             ..Default::default()
         }
     }
 }
 
-fn http_status_code(status: u16) -> StatusCode {
-    match status {
-        400 => StatusCode::BadRequest,
-        401 => StatusCode::Unauthorized,
-        500 => StatusCode::InternalServerError,
-        502 => StatusCode::BadGateway,
-        503 => StatusCode::ServiceUnavailable,
-        _ => StatusCode::InternalServerError,
+/// A header that replaces any of the same name (`OVERWRITE_IF_EXISTS_OR_ADD`).
+fn overwrite(key: &str, value: String) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.to_owned(),
+            value,
+            ..Default::default()
+        }),
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        ..Default::default()
     }
 }
 
@@ -308,14 +361,14 @@ mod tests {
         for (outcome, http, code, www) in rows {
             let response = responder.respond(&outcome);
             assert_eq!(denied_status(&response), http, "{outcome:?}");
-            assert_eq!(i32::from(outcome.http_status()), http, "{outcome:?}");
+            assert_eq!(i32::from(outcome.row().http.as_u16()), http, "{outcome:?}");
             assert_eq!(
                 response.status.as_ref().unwrap().code,
                 code as i32,
                 "{outcome:?}"
             );
             assert_eq!(challenge(&response).as_deref(), www, "{outcome:?}");
-            assert_eq!(outcome.decision(), "deny");
+            assert_eq!(outcome.row().decision, Decision::Deny);
         }
     }
 

@@ -110,25 +110,14 @@ fn describe() {
 /// One Check answered.
 pub fn check_finished(outcome: &Outcome, elapsed: Duration) {
     histogram!(CHECK_DURATION).record(elapsed.as_secs_f64());
+    let row = outcome.row();
     counter!(
         DECISIONS,
-        "decision" => outcome.decision(),
-        "status" => status_label(outcome.http_status()),
-        "reason" => outcome.reason(),
+        "decision" => row.decision.as_str(),
+        "status" => row.http.label(),
+        "reason" => row.reason,
     )
     .increment(1);
-}
-
-fn status_label(status: u16) -> &'static str {
-    match status {
-        200 => "200",
-        400 => "400",
-        401 => "401",
-        500 => "500",
-        502 => "502",
-        503 => "503",
-        _ => "other",
-    }
 }
 
 /// Which cache tier a lookup went to.

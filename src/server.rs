@@ -80,9 +80,9 @@ impl Authorization for CheckService {
         if tracing::enabled!(tracing::Level::DEBUG) {
             tracing::debug!(
                 request_id = request_id(&request),
-                decision = outcome.decision(),
-                status = outcome.http_status(),
-                reason = outcome.reason(),
+                decision = outcome.row().decision.as_str(),
+                status = outcome.row().http.as_u16(),
+                reason = outcome.row().reason,
                 "check"
             );
         }

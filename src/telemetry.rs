@@ -127,13 +127,11 @@ pub fn continue_trace(span: &Span, request: &CheckRequest) {
 
 /// Records how a Check ended on its span.
 pub fn record_outcome(span: &Span, outcome: &Outcome) {
-    span.record("authz.decision", outcome.decision());
-    span.record(
-        "http.response.status_code",
-        i64::from(outcome.http_status()),
-    );
-    span.record("authz.reason", outcome.reason());
-    if outcome.http_status() >= 500 {
+    let row = outcome.row();
+    span.record("authz.decision", row.decision.as_str());
+    span.record("http.response.status_code", i64::from(row.http.as_u16()));
+    span.record("authz.reason", row.reason);
+    if row.http.is_server_error() {
         span.record("otel.status_code", "error");
     }
 }
