@@ -13,8 +13,9 @@ use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
 
+use phantom_authz::cache::bearer;
 use phantom_authz::cache::local::LocalCache;
-use phantom_authz::decision::{AllowedJwt, Outcome, Responder, bearer};
+use phantom_authz::decision::{AllowedJwt, Outcome, Responder};
 use phantom_authz::token::{CacheKey, bearer_token, parse_bearer};
 
 const TOKEN: &str = "_0XBPWQQ_2a4e0a6a-8b6f-4a67-9f09-2f1c2c6f0d3e";

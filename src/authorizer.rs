@@ -14,8 +14,8 @@ use tokio::sync::watch;
 use tracing::Instrument as _;
 
 use crate::cache::local::{Generation, LocalCache};
-use crate::cache::{CacheError, CachedJwt, Eviction, SharedCache, now_ms};
-use crate::decision::{AllowedJwt, Authorization, Outcome, bearer};
+use crate::cache::{Authorization, CacheError, CachedJwt, Eviction, SharedCache, bearer, now_ms};
+use crate::decision::{AllowedJwt, Outcome};
 use crate::introspection::{ActiveToken, CacheDirective, IdpError, Introspect, Introspected};
 use crate::metrics::{self, Lookup, Tier};
 use crate::telemetry;

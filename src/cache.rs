@@ -4,11 +4,23 @@
 pub mod local;
 pub mod redis;
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::decision::Authorization;
 use crate::introspection::BoxFuture;
 use crate::token::{CacheKey, Token};
+
+/// The `Authorization` value forwarded upstream, `Bearer <JWT>`, built once per cache entry and
+/// shared by every response that uses it.
+pub type Authorization = Arc<str>;
+
+/// Builds the forwarded `Authorization` value for a JWT.
+pub fn bearer(jwt: &str) -> Authorization {
+    let mut value = String::with_capacity(7 + jwt.len());
+    value.push_str("Bearer ");
+    value.push_str(jwt);
+    value.into()
+}
 
 /// A cached allow: the forwarded `Authorization` value and when the entry dies.
 #[derive(Clone, PartialEq, Eq)]
@@ -39,8 +51,13 @@ impl CachedJwt {
 pub enum CacheError {
     #[error("redis command timed out")]
     Timeout,
-    #[error("redis error: {0}")]
-    Redis(String),
+    /// Redis answered with an error, or the connection failed; only the error's kind is kept,
+    /// since Redis error texts may quote arguments.
+    #[error("redis error: {0:?}")]
+    Redis(::redis::ErrorKind),
+    /// The system gave no randomness for a nonce: the entry is not written.
+    #[error("no randomness for a nonce")]
+    NoRandomness,
     /// Redis failed moments ago and is skipped until its next probe.
     #[error("redis skipped while unavailable")]
     Skipped,

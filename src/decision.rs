@@ -3,8 +3,6 @@
 //! A denial is a normal `CheckResponse`, never an `Err(Status)`: Envoy relays the HTTP status and
 //! headers we choose to the client.
 
-use std::sync::Arc;
-
 use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
 use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
@@ -15,19 +13,8 @@ use envoy_types::pb::envoy::r#type::v3::{HttpStatus, StatusCode};
 use envoy_types::pb::google::rpc::Status;
 use tonic::Code;
 
+use crate::cache::Authorization;
 use crate::token::TokenProblem;
-
-/// The `Authorization` value forwarded upstream, `Bearer <JWT>`, built once per cache entry and
-/// shared by every response that uses it.
-pub type Authorization = Arc<str>;
-
-/// Builds the forwarded `Authorization` value for a JWT.
-pub fn bearer(jwt: &str) -> Authorization {
-    let mut value = String::with_capacity(7 + jwt.len());
-    value.push_str("Bearer ");
-    value.push_str(jwt);
-    value.into()
-}
 
 /// Everything a Check can end in.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -276,6 +263,7 @@ fn overwrite(key: &str, value: String) -> HeaderValueOption {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::bearer;
 
     fn challenge(response: &CheckResponse) -> Option<String> {
         match response.http_response.as_ref().unwrap() {

@@ -194,8 +194,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             let tombstone_ttl = config.introspection.timeout
                 + 2 * redis.timeout
                 + std::time::Duration::from_secs(5);
-            let cache = RedisCache::new(&redis.url, ca, secrets, redis.timeout, tombstone_ttl)
-                .map_err(anyhow::Error::msg)?;
+            let cache = RedisCache::new(&redis.url, ca, secrets, redis.timeout, tombstone_ttl)?;
             Some(Arc::new(cache))
         }
         None => None,

@@ -9,7 +9,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::decision::Authorization;
+use super::Authorization;
 use crate::metrics;
 use crate::token::CacheKey;
 
@@ -246,7 +246,7 @@ impl Hasher for DigestHasher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decision::bearer;
+    use crate::cache::bearer;
     use crate::token::{CacheKey, parse_bearer};
 
     fn key(n: usize) -> CacheKey {

@@ -29,9 +29,8 @@ use redis::{AsyncCommands, Client, IntoConnectionInfo};
 use sha2::Sha256;
 use tokio::sync::watch;
 
-use super::{CacheError, CachedJwt, Eviction, SharedCache, now_ms};
+use super::{Authorization, CacheError, CachedJwt, Eviction, SharedCache, now_ms};
 use crate::config::Secret;
-use crate::decision::Authorization;
 use crate::introspection::{self, BoxFuture};
 use crate::metrics;
 use crate::token::{CacheKey, Token};
@@ -71,7 +70,7 @@ impl std::fmt::Debug for CacheSecrets {
 impl CacheSecrets {
     /// Reads a `--cache-secret-file`: one secret per line, surrounding blanks trimmed, blank
     /// lines skipped. Errors name the line, never its content.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, SecretFileError> {
         let mut secrets = Vec::new();
         for (number, line) in text.lines().enumerate() {
             let line = line.trim();
@@ -79,17 +78,15 @@ impl CacheSecrets {
                 continue;
             }
             if line.len() < MIN_SECRET_LEN {
-                return Err(format!(
-                    "line {} holds {} bytes; every secret must be {MIN_SECRET_LEN} bytes or \
-                     more (e.g. `head -c 32 /dev/urandom | base64`)",
-                    number + 1,
-                    line.len()
-                ));
+                return Err(SecretFileError::TooShort {
+                    line: number + 1,
+                    len: line.len(),
+                });
             }
             secrets.push(Secret::new(line));
         }
         if secrets.is_empty() {
-            return Err("holds no secret".into());
+            return Err(SecretFileError::Empty);
         }
         Ok(Self(secrets))
     }
@@ -100,6 +97,28 @@ impl CacheSecrets {
             .map(|secret| Slot::derive(secret.expose().as_bytes(), token))
             .collect()
     }
+}
+
+/// What is wrong with a `--cache-secret-file`; never quotes it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SecretFileError {
+    #[error(
+        "line {line} holds {len} bytes; every secret must be {MIN_SECRET_LEN} bytes or more \
+         (e.g. `head -c 32 /dev/urandom | base64`)"
+    )]
+    TooShort { line: usize, len: usize },
+    #[error("holds no secret")]
+    Empty,
+}
+
+/// Why the Redis tier could not be set up; names the flag, never the URL (it may hold a
+/// password).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SetupError {
+    #[error("--redis-url: not a valid redis:// or rediss:// URL")]
+    InvalidUrl,
+    #[error("--redis-url: cannot build a Redis client ({0:?})")]
+    Client(redis::ErrorKind),
 }
 
 /// Where one token's entry lives under one secret, and the AEAD that seals it.
@@ -137,7 +156,7 @@ impl Slot {
     /// Encrypts `expiry ‖ Authorization` under a fresh random nonce.
     pub fn seal(&self, entry: &CachedJwt) -> Result<Vec<u8>, CacheError> {
         let mut nonce = [0u8; NONCE_LEN];
-        getrandom::fill(&mut nonce).map_err(|_| CacheError::Redis("no randomness".into()))?;
+        getrandom::fill(&mut nonce).map_err(|_| CacheError::NoRandomness)?;
         let mut plaintext = Vec::with_capacity(EXPIRY_LEN + entry.authorization.len());
         plaintext.extend_from_slice(&entry.expires_at_ms.to_be_bytes());
         plaintext.extend_from_slice(entry.authorization.as_bytes());
@@ -288,12 +307,11 @@ impl RedisCache {
         secrets: CacheSecrets,
         timeout: Duration,
         tombstone_ttl: Duration,
-    ) -> Result<Self, String> {
-        // The URL may carry a password: errors name the flag, never the value.
+    ) -> Result<Self, SetupError> {
         let info = url
             .expose()
             .into_connection_info()
-            .map_err(|_| "--redis-url: not a valid redis:// or rediss:// URL".to_string())?;
+            .map_err(|_| SetupError::InvalidUrl)?;
         let info = info.set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
         let client = match ca_pem {
             Some(pem) => Client::build_with_tls(
@@ -305,12 +323,7 @@ impl RedisCache {
             ),
             None => Client::open(info),
         }
-        .map_err(|e| {
-            format!(
-                "--redis-url: cannot build a Redis client ({})",
-                e.kind_name()
-            )
-        })?;
+        .map_err(|e| SetupError::Client(e.kind()))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout.max(Duration::from_millis(250))))
             .set_response_timeout(Some(timeout))
@@ -318,7 +331,7 @@ impl RedisCache {
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_secs(1));
         let connection = ConnectionManager::new_lazy_with_config(client.clone(), config)
-            .map_err(|e| format!("--redis-url: {}", e.kind_name()))?;
+            .map_err(|e| SetupError::Client(e.kind()))?;
         Ok(Self {
             connection,
             client,
@@ -420,7 +433,7 @@ async fn timed<T>(
     let result = match tokio::time::timeout(timeout, command).await {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(e)) if e.is_timeout() => Err(CacheError::Timeout),
-        Ok(Err(e)) => Err(CacheError::Redis(e.kind_name())),
+        Ok(Err(e)) => Err(CacheError::Redis(e.kind())),
         Err(_) => Err(CacheError::Timeout),
     };
     metrics::redis_command(op, started.elapsed(), result.is_ok());
@@ -574,7 +587,7 @@ fn random_id() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decision::bearer;
+    use crate::cache::bearer;
     use crate::token::parse_token;
 
     const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
@@ -658,8 +671,8 @@ mod tests {
         assert_eq!(two.0.len(), 2);
         assert!(!format!("{two:?}").contains("aaaa"));
         let err = CacheSecrets::parse(&format!("{}\nshort-secret\n", "a".repeat(32))).unwrap_err();
-        assert!(err.contains("line 2"), "{err}");
-        assert!(!err.contains("short-secret"), "{err}");
+        assert_eq!(err, SecretFileError::TooShort { line: 2, len: 12 });
+        assert!(!err.to_string().contains("short-secret"), "{err}");
         assert!(CacheSecrets::parse(" \n\n").is_err());
     }
 
