@@ -1,7 +1,9 @@
 //! Real parts for black-box tests: the phantom-authz binary, a `redis-server` on a free port,
 //! and a scripted identity server on port 0 that answers like Curity.
 
-#![allow(dead_code)]
+// Each test binary compiles this module and uses only some of it, and its items are reachable
+// only from that binary.
+#![allow(dead_code, unreachable_pub)]
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -316,6 +318,7 @@ impl Drop for Redis {
 pub fn spawn_tied(command: &mut Command) -> Child {
     use std::os::unix::process::CommandExt as _;
     // SAFETY: prctl is async-signal-safe and touches only the child being started.
+    #[allow(unsafe_code)]
     unsafe {
         command.pre_exec(|| {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
