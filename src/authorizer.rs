@@ -369,7 +369,7 @@ pub fn idp_failure(error: &IdpError) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::introspection::BoxFuture;
+    use crate::BoxFuture;
     use crate::token::parse_bearer;
     use std::sync::atomic::{AtomicUsize, Ordering};
 

@@ -7,7 +7,7 @@ pub mod redis;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::introspection::BoxFuture;
+use crate::BoxFuture;
 use crate::token::{CacheKey, Token};
 
 /// The `Authorization` value forwarded upstream, `Bearer <JWT>`, built once per cache entry and

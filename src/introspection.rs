@@ -3,20 +3,17 @@
 
 pub mod guard;
 
-use std::future::Future;
-use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::STANDARD;
 use reqwest::header::{ACCEPT, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
 
+use crate::BoxFuture;
 use crate::config::{IntrospectionMode, Secret};
+use crate::jwt;
 use crate::metrics;
 use crate::token::Token;
-
-/// A boxed future, for the object-safe I/O traits.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Largest introspection response read; anything bigger is a bad response, not an allow.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -358,44 +355,20 @@ pub fn parse_json_body(body: &[u8], cache: CacheDirective) -> Result<Introspecte
     }))
 }
 
-/// Checks the compact JWS shape (three non-empty base64url parts, a JSON object payload) and
-/// returns the payload's `exp`.
+/// Checks the compact JWS shape and returns the payload's `exp` (see [`crate::jwt`]).
 pub fn jwt_exp(jwt: &str) -> Result<Option<u64>, IdpError> {
-    const NOT_A_JWT: IdpError = IdpError::BadResponse("not a compact JWT");
-    let mut parts = jwt.split('.');
-    let (Some(header), Some(payload), Some(signature), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(NOT_A_JWT);
-    };
-    let base64url = |part: &str| {
-        !part.is_empty()
-            && part
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    };
-    if !(base64url(header) && base64url(payload) && base64url(signature)) {
-        return Err(NOT_A_JWT);
-    }
-    let payload = URL_SAFE_NO_PAD.decode(payload).map_err(|_| NOT_A_JWT)?;
-    let claims: serde_json::Value = serde_json::from_slice(&payload).map_err(|_| NOT_A_JWT)?;
-    let claims = claims.as_object().ok_or(NOT_A_JWT)?;
-    claims.get("exp").map(numeric_date).transpose()
+    jwt::exp(jwt).map_err(|malformed| IdpError::BadResponse(malformed.0))
 }
 
-/// An RFC 7519 NumericDate: seconds since the epoch, possibly fractional.
+/// An RFC 7519 NumericDate in the response itself (json mode's `exp`).
 fn numeric_date(value: &serde_json::Value) -> Result<u64, IdpError> {
-    let seconds = value
-        .as_f64()
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .ok_or(IdpError::BadResponse("`exp` is not a NumericDate"))?;
-    // Round down: never trust a JWT past its expiry.
-    Ok(seconds.floor() as u64)
+    jwt::numeric_date(value).map_err(|malformed| IdpError::BadResponse(malformed.0))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
     fn jwt(payload: &str) -> String {
         format!(

@@ -9,6 +9,7 @@
 //! - [`introspection`]: the HTTP client for the identity server and the parsing of its answers.
 //! - [`authorizer`]: the flow itself: local cache, Redis, one introspection per token, TTL choice.
 //! - [`decision`]: the one place where outcomes become HTTP statuses, gRPC codes and headers. Pure.
+//! - [`jwt`]: the compact JWT shape and `exp` that every forwarded JWT is checked for. Pure.
 //!
 //! Around them: [`config`] turns flags and environment into plain validated types,
 //! [`metrics`] names every metric the service records, [`telemetry`] exports OpenTelemetry
@@ -20,8 +21,13 @@ pub mod cache;
 pub mod config;
 pub mod decision;
 pub mod introspection;
+pub mod jwt;
 pub mod metrics;
 pub mod revocation;
 pub mod server;
 pub mod telemetry;
 pub mod token;
+
+/// A boxed future, for the object-safe I/O traits ([`cache::SharedCache`],
+/// [`introspection::Introspect`]).
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -31,9 +31,9 @@ use tokio::sync::watch;
 
 use super::{Authorization, CacheError, CachedJwt, Eviction, SharedCache, now_ms};
 use crate::config::Secret;
-use crate::introspection::{self, BoxFuture};
 use crate::metrics;
 use crate::token::{CacheKey, Token};
+use crate::{BoxFuture, jwt};
 
 /// The pub/sub channel on which evictions travel: `<token digest hex> <eviction id hex>`, never
 /// a token.
@@ -202,7 +202,7 @@ impl Slot {
         let jwt = authorization
             .strip_prefix("Bearer ")
             .ok_or(CacheError::Corrupt)?;
-        let jwt_exp = introspection::jwt_exp(jwt).map_err(|_| CacheError::Corrupt)?;
+        let jwt_exp = jwt::exp(jwt).map_err(|_| CacheError::Corrupt)?;
         let expired = jwt_exp.is_some_and(|exp| exp.saturating_mul(1000) <= now_ms);
         if expired || expires_at_ms <= now_ms {
             return Err(CacheError::Corrupt);

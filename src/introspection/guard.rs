@@ -9,7 +9,8 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use super::{BoxFuture, IdpError, Introspect, Introspected};
+use super::{IdpError, Introspect, Introspected};
+use crate::BoxFuture;
 use crate::metrics;
 use crate::token::Token;
 
