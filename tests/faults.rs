@@ -828,6 +828,29 @@ async fn circuit_opens_after_three_failures_fails_fast_then_one_probe_closes_it(
 }
 
 #[tokio::test]
+async fn an_absurd_circuit_open_duration_keeps_the_circuit_open_without_crashing() {
+    let idp = Idp::start(|_| Reply::status(500)).await;
+    let mut service = Service::start(
+        &idp.url(),
+        "jwt",
+        &[
+            "--circuit-failure-threshold",
+            "1",
+            "--circuit-open-duration",
+            "18446744073709551615s",
+        ],
+    );
+    let mut client = service.client().await;
+    let (verdict, _) = timed_check(&mut client, bearer_request("first")).await;
+    assert_eq!(verdict.http_status, 502, "the IdP's 500: {verdict:?}");
+    let (verdict, _) = timed_check(&mut client, bearer_request("second")).await;
+    assert_eq!(verdict.http_status, 503, "the circuit is open: {verdict:?}");
+    assert_eq!(idp.calls(), 1);
+    assert_alive(&mut service);
+    assert!(!service.log().contains("panicked"), "{}", service.log());
+}
+
+#[tokio::test]
 async fn concurrency_cap_lets_two_reach_the_idp_and_fails_the_rest_fast() {
     let idp = Idp::start(|seen| {
         Reply::jwt(&make_jwt(&seen.token, Some(unix_now() + 3600), 0))
