@@ -301,13 +301,14 @@ impl fmt::Debug for RedisConfig {
     }
 }
 
-/// A URL with any userinfo (`user:password@`) replaced by `***@`.
+/// A URL with any userinfo (`user:password@`) replaced by `***@`: everything between `://` and
+/// the last `@`, so that a password holding `/`, `?`, `#` or `@` is masked whole. An `@` later
+/// in the URL masks more than needed, never less.
 fn masked_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return "***".to_string();
     };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
+    match rest.rfind('@') {
         Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
         None => url.to_string(),
     }
@@ -821,5 +822,20 @@ mod tests {
         assert!(printed.contains("redis://***@cache:6379"), "{printed}");
         assert_eq!(masked_url("rediss://r:6380/0"), "rediss://r:6380/0");
         assert_eq!(masked_url("redis://u:p@w@r:1/0"), "redis://***@r:1/0");
+        for (url, host) in [
+            (
+                "redis://:pa#ss/wo?rd@host:6379/0",
+                "redis://***@host:6379/0",
+            ),
+            ("rediss://user:p/w@host:6380", "rediss://***@host:6380"),
+            ("redis://:p?w#x@host", "redis://***@host"),
+            ("redis://:a@b/c?d#e@host:1/2", "redis://***@host:1/2"),
+        ] {
+            let masked = masked_url(url);
+            assert_eq!(masked, host, "{url}");
+            for fragment in ["pa#ss", "wo?rd", "p/w", "p?w", "#x", "b/c"] {
+                assert!(!masked.contains(fragment), "{url}: {masked}");
+            }
+        }
     }
 }

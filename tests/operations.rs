@@ -412,6 +412,39 @@ fn check_config_validates_and_prints_with_secrets_masked() {
     );
 }
 
+#[test]
+fn check_config_masks_a_redis_password_holding_url_delimiters() {
+    // `#`, `/` and `?` inside the password end a URL's authority for a naive parser, which
+    // then finds no `@` before them and prints the URL as it is.
+    let redis_url = "redis://:pa#ss/wo?rd@cache:6379/0";
+    let args = [
+        "check-config",
+        "--introspection-url",
+        "https://idp.example/introspect",
+        "--client-id",
+        "gw",
+        "--client-secret",
+        "hunter2-secret",
+        "--redis-url",
+        redis_url,
+    ];
+    let output = Command::new(env!("CARGO_BIN_EXE_phantom-authz"))
+        .args(args)
+        .env_clear()
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("redis://***@cache:6379/0"), "{stdout}");
+    for fragment in ["pa#ss", "wo?rd", "pa#", "ss/wo", "?rd", "hunter2"] {
+        assert!(
+            !stdout.contains(fragment) && !stderr.contains(fragment),
+            "{fragment:?} printed:\n{stdout}{stderr}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn grpc_reflection_describes_ext_authz_and_health() {
     use tonic_reflection::pb::v1::ServerReflectionRequest;
