@@ -120,6 +120,35 @@ async fn sigterm_drains_in_flight_checks_and_exits_zero() {
 }
 
 #[tokio::test]
+async fn the_admin_listener_closes_connections_that_never_finish_their_headers() {
+    use phantom_authz::server::ADMIN_HEADER_READ_TIMEOUT;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let idp = Idp::start(|_| Reply::status(204)).await;
+    let service = Service::start(&idp.url(), "jwt", &[]);
+    let mut slow = tokio::net::TcpStream::connect(service.admin).await.unwrap();
+    slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: phantom-authz\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let silent = tokio::net::TcpStream::connect(service.admin).await.unwrap();
+    // The server closes both at the header-read timeout; 10 s more is for a loaded machine.
+    let bound = ADMIN_HEADER_READ_TIMEOUT + Duration::from_secs(10);
+    let (slow, silent) = tokio::join!(
+        tokio::time::timeout(bound, closed_by_peer(slow)),
+        tokio::time::timeout(bound, closed_by_peer(silent)),
+    );
+    assert!(slow.is_ok(), "a half-sent request held its connection open");
+    assert!(silent.is_ok(), "a silent connection was held open");
+    // The listener itself serves on.
+    assert_eq!(service.admin_get("/healthz").await.0, 200);
+
+    /// Reads until the other side closes (EOF) or resets the connection.
+    async fn closed_by_peer(mut stream: tokio::net::TcpStream) {
+        let mut buffer = [0u8; 1024];
+        while let Ok(1..) = stream.read(&mut buffer).await {}
+    }
+}
+
+#[tokio::test]
 async fn logs_never_contain_tokens_jwts_or_the_secret() {
     let redis = Redis::start();
     let jwt = make_jwt("alice", Some(unix_now() + 600), 0);
