@@ -53,6 +53,20 @@ pub struct Args {
     #[arg(long, env = "PHANTOM_AUTHZ_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
 
+    /// PEM certificate chain for TLS on the admin gRPC listener (with --admin-grpc-tls-key), so
+    /// that the admin secret and the tokens to evict do not travel in plaintext.
+    #[arg(long, env = "PHANTOM_AUTHZ_ADMIN_GRPC_TLS_CERT")]
+    pub admin_grpc_tls_cert: Option<PathBuf>,
+
+    /// PEM private key for TLS on the admin gRPC listener (with --admin-grpc-tls-cert).
+    #[arg(long, env = "PHANTOM_AUTHZ_ADMIN_GRPC_TLS_KEY")]
+    pub admin_grpc_tls_key: Option<PathBuf>,
+
+    /// PEM CA(s) for admin client certificates: when given, every admin gRPC client must
+    /// present a certificate signed by one of them (mTLS), besides the bearer secret.
+    #[arg(long, env = "PHANTOM_AUTHZ_ADMIN_GRPC_TLS_CLIENT_CA")]
+    pub admin_grpc_tls_client_ca: Option<PathBuf>,
+
     /// The identity server's introspection endpoint (http or https).
     #[arg(long, env = "PHANTOM_AUTHZ_INTROSPECTION_URL")]
     pub introspection_url: Option<String>,
@@ -247,7 +261,7 @@ pub struct Config {
     pub otlp_endpoint: Option<String>,
 }
 
-/// TLS on the gRPC listener; files are read at start-up.
+/// TLS on a gRPC listener (ext_authz or admin); files are read at start-up.
 #[derive(Debug)]
 pub struct GrpcTls {
     pub cert: PathBuf,
@@ -282,6 +296,8 @@ pub struct CacheConfig {
 pub struct AdminGrpcConfig {
     pub listen: SocketAddr,
     pub token_file: PathBuf,
+    /// TLS on the admin listener; `None`: plaintext.
+    pub tls: Option<GrpcTls>,
 }
 
 /// The shared cache.
@@ -411,6 +427,18 @@ impl Config {
             return Err(invalid("--max-token-length", "must be at least 1"));
         }
         validate_realm(&args.realm)?;
+        let admin_grpc_tls = tls_files(
+            ADMIN_GRPC_TLS_FLAGS,
+            args.admin_grpc_tls_cert,
+            args.admin_grpc_tls_key,
+            args.admin_grpc_tls_client_ca,
+        )?;
+        if admin_grpc_tls.is_some() && args.admin_grpc_listen.is_none() {
+            return Err(invalid(
+                "--admin-grpc-tls-cert",
+                "has no use without --admin-grpc-listen",
+            ));
+        }
         let admin_grpc = match (args.admin_grpc_listen, args.admin_token_file) {
             (Some(listen), Some(_))
                 if listen.port() != 0
@@ -421,7 +449,11 @@ impl Config {
                     "must differ from --grpc-listen and --admin-listen",
                 ));
             }
-            (Some(listen), Some(token_file)) => Some(AdminGrpcConfig { listen, token_file }),
+            (Some(listen), Some(token_file)) => Some(AdminGrpcConfig {
+                listen,
+                token_file,
+                tls: admin_grpc_tls,
+            }),
             (Some(_), None) => {
                 return Err(invalid(
                     "--admin-token-file",
@@ -437,36 +469,12 @@ impl Config {
             (None, None) => None,
         };
 
-        let grpc_tls = match (
+        let grpc_tls = tls_files(
+            GRPC_TLS_FLAGS,
             args.grpc_tls_cert,
             args.grpc_tls_key,
             args.grpc_tls_client_ca,
-        ) {
-            (Some(cert), Some(key), client_ca) => Some(GrpcTls {
-                cert,
-                key,
-                client_ca,
-            }),
-            (None, None, None) => None,
-            (None, None, Some(_)) => {
-                return Err(invalid(
-                    "--grpc-tls-client-ca",
-                    "needs --grpc-tls-cert and --grpc-tls-key",
-                ));
-            }
-            (Some(_), None, _) => {
-                return Err(invalid(
-                    "--grpc-tls-key",
-                    "is required with --grpc-tls-cert",
-                ));
-            }
-            (None, Some(_), _) => {
-                return Err(invalid(
-                    "--grpc-tls-cert",
-                    "is required with --grpc-tls-key",
-                ));
-            }
-        };
+        )?;
         let otlp_endpoint = args.otlp_endpoint.map(validate_otlp_endpoint).transpose()?;
         if args.idp_ca_file.is_some() && url.starts_with("http://") {
             return Err(invalid(
@@ -506,6 +514,42 @@ impl Config {
             log_format: args.log_format,
             otlp_endpoint,
         })
+    }
+}
+
+/// The flags naming a listener's TLS files: certificate, key, client CA.
+pub type TlsFlags = [&'static str; 3];
+
+/// The ext_authz listener's TLS flags.
+pub const GRPC_TLS_FLAGS: TlsFlags = ["--grpc-tls-cert", "--grpc-tls-key", "--grpc-tls-client-ca"];
+
+/// The admin gRPC listener's TLS flags.
+pub const ADMIN_GRPC_TLS_FLAGS: TlsFlags = [
+    "--admin-grpc-tls-cert",
+    "--admin-grpc-tls-key",
+    "--admin-grpc-tls-client-ca",
+];
+
+/// A listener's TLS files: none, or a certificate and key with an optional client CA.
+fn tls_files(
+    [cert_flag, key_flag, client_ca_flag]: TlsFlags,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+) -> Result<Option<GrpcTls>, ConfigError> {
+    match (cert, key, client_ca) {
+        (Some(cert), Some(key), client_ca) => Ok(Some(GrpcTls {
+            cert,
+            key,
+            client_ca,
+        })),
+        (None, None, None) => Ok(None),
+        (None, None, Some(_)) => Err(invalid(
+            client_ca_flag,
+            format!("needs {cert_flag} and {key_flag}"),
+        )),
+        (Some(_), None, _) => Err(invalid(key_flag, format!("is required with {cert_flag}"))),
+        (None, Some(_), _) => Err(invalid(cert_flag, format!("is required with {key_flag}"))),
     }
 }
 
@@ -671,6 +715,47 @@ mod tests {
         ])
         .unwrap_err();
         assert_eq!(err.flag, "--admin-grpc-listen");
+    }
+
+    #[test]
+    fn admin_grpc_tls_takes_a_certificate_and_key_and_needs_its_listener() {
+        let admin = [
+            "--admin-grpc-listen",
+            "127.0.0.1:9002",
+            "--admin-token-file",
+            "/run/admin",
+        ];
+        let with = |tls: &[&str]| args(&[&admin[..], tls].concat());
+        assert!(with(&[]).unwrap().admin_grpc.unwrap().tls.is_none());
+        let config = with(&[
+            "--admin-grpc-tls-cert",
+            "/tls/admin.pem",
+            "--admin-grpc-tls-key",
+            "/tls/admin.key",
+            "--admin-grpc-tls-client-ca",
+            "/tls/ca.pem",
+        ])
+        .unwrap();
+        let tls = config.admin_grpc.unwrap().tls.unwrap();
+        assert_eq!(tls.cert, PathBuf::from("/tls/admin.pem"));
+        assert_eq!(tls.key, PathBuf::from("/tls/admin.key"));
+        assert_eq!(tls.client_ca, Some(PathBuf::from("/tls/ca.pem")));
+        // The data plane's TLS stays separate.
+        assert!(config.grpc_tls.is_none());
+
+        for (tls, flag) in [
+            (&["--admin-grpc-tls-cert", "/c"][..], "--admin-grpc-tls-key"),
+            (&["--admin-grpc-tls-key", "/k"][..], "--admin-grpc-tls-cert"),
+            (
+                &["--admin-grpc-tls-client-ca", "/ca"][..],
+                "--admin-grpc-tls-client-ca",
+            ),
+        ] {
+            assert_eq!(with(tls).unwrap_err().flag, flag, "{tls:?}");
+        }
+        let err = args(&["--admin-grpc-tls-cert", "/c", "--admin-grpc-tls-key", "/k"]).unwrap_err();
+        assert_eq!(err.flag, "--admin-grpc-tls-cert");
+        assert!(err.to_string().contains("--admin-grpc-listen"), "{err}");
     }
 
     fn args(extra: &[&str]) -> Result<Config, ConfigError> {

@@ -19,7 +19,10 @@ use phantom_authz::authorizer::{Authorizer, Ttls};
 use phantom_authz::cache::SharedCache;
 use phantom_authz::cache::local::LocalCache;
 use phantom_authz::cache::redis::RedisCache;
-use phantom_authz::config::{Args, Config, GrpcTls, LogFormat, Secret, SecretSource, file_args};
+use phantom_authz::config::{
+    ADMIN_GRPC_TLS_FLAGS, Args, Config, GRPC_TLS_FLAGS, GrpcTls, LogFormat, Secret, SecretSource,
+    TlsFlags, file_args,
+};
 use phantom_authz::decision::Responder;
 use phantom_authz::introspection::HttpIntrospector;
 use phantom_authz::introspection::guard::Guarded;
@@ -118,10 +121,13 @@ fn check_files(config: &Config) -> anyhow::Result<()> {
         read_file(redis.ca_file.as_deref(), "--redis-ca-file")?;
     }
     if let Some(tls) = &config.grpc_tls {
-        grpc_tls(tls)?;
+        server_tls(tls, GRPC_TLS_FLAGS)?;
     }
     if let Some(admin) = &config.admin_grpc {
         read_admin_token(&admin.token_file)?;
+        if let Some(tls) = &admin.tls {
+            server_tls(tls, ADMIN_GRPC_TLS_FLAGS)?;
+        }
     }
     Ok(())
 }
@@ -219,7 +225,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
         config.max_token_length,
     );
 
-    let grpc_tls = config.grpc_tls.as_ref().map(grpc_tls).transpose()?;
+    let grpc_tls = config
+        .grpc_tls
+        .as_ref()
+        .map(|tls| server_tls(tls, GRPC_TLS_FLAGS))
+        .transpose()?;
     let sigterm = terminated();
     let grpc_listener = TcpListener::bind(config.grpc_listen)
         .await
@@ -230,11 +240,20 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let admin_grpc = match &config.admin_grpc {
         Some(admin) => {
             let guard = AdminGuard::new(&read_admin_token(&admin.token_file)?);
+            let tls = admin
+                .tls
+                .as_ref()
+                .map(|tls| server_tls(tls, ADMIN_GRPC_TLS_FLAGS))
+                .transpose()?;
             let listener = TcpListener::bind(admin.listen)
                 .await
                 .with_context(|| format!("--admin-grpc-listen: cannot bind {}", admin.listen))?;
-            tracing::info!(admin_grpc = %listener.local_addr()?, "admin gRPC listening");
-            Some((listener, guard))
+            tracing::info!(
+                admin_grpc = %listener.local_addr()?,
+                tls = tls.is_some(),
+                "admin gRPC listening"
+            );
+            Some((listener, guard, tls))
         }
         None => None,
     };
@@ -283,11 +302,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
     });
 
     // Eviction calls stop with Checks; the subscriber listens until the very end.
-    if let Some((listener, guard)) = admin_grpc {
+    if let Some((listener, guard, tls)) = admin_grpc {
         let service = AdminService::new(authorizer.clone(), config.max_token_length);
         let shutdown = draining(deadline_rx.clone());
         let task = tokio::spawn(async move {
-            if let Err(error) = revocation::serve(listener, service, guard, shutdown).await {
+            if let Err(error) = revocation::serve(listener, service, guard, tls, shutdown).await {
                 tracing::error!(%error, "admin gRPC listener failed; evictions unavailable");
             }
         });
@@ -405,11 +424,13 @@ fn read_file(path: Option<&std::path::Path>, flag: &str) -> anyhow::Result<Optio
     .transpose()
 }
 
-fn grpc_tls(tls: &GrpcTls) -> anyhow::Result<ServerTlsConfig> {
-    let cert = read_file(Some(&tls.cert), "--grpc-tls-cert")?.unwrap_or_default();
-    let key = read_file(Some(&tls.key), "--grpc-tls-key")?.unwrap_or_default();
+/// Reads a listener's TLS files, naming the listener's `flags` when that fails.
+fn server_tls(tls: &GrpcTls, flags: TlsFlags) -> anyhow::Result<ServerTlsConfig> {
+    let [cert_flag, key_flag, client_ca_flag] = flags;
+    let cert = read_file(Some(&tls.cert), cert_flag)?.unwrap_or_default();
+    let key = read_file(Some(&tls.key), key_flag)?.unwrap_or_default();
     let mut config = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
-    if let Some(ca) = read_file(tls.client_ca.as_deref(), "--grpc-tls-client-ca")? {
+    if let Some(ca) = read_file(tls.client_ca.as_deref(), client_ca_flag)? {
         config = config.client_ca_root(Certificate::from_pem(ca));
     }
     Ok(config)
