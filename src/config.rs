@@ -76,6 +76,14 @@ pub struct Args {
     #[arg(long, env = "PHANTOM_AUTHZ_IDP_CA_FILE")]
     pub idp_ca_file: Option<PathBuf>,
 
+    /// HTTP(S) proxy through which every call to the identity server goes (http:// or
+    /// https://; credentials allowed, `http://user:password@proxy:3128`, and masked wherever
+    /// printed). Without it the IdP is called directly: HTTP_PROXY, HTTPS_PROXY, ALL_PROXY and
+    /// their lowercase forms are ignored, so the client secret and tokens never take a route
+    /// nobody configured for this service.
+    #[arg(long, env = "PHANTOM_AUTHZ_IDP_PROXY", hide_env_values = true)]
+    pub idp_proxy: Option<String>,
+
     /// PEM certificate chain for TLS on the gRPC listener (with --grpc-tls-key).
     #[arg(long, env = "PHANTOM_AUTHZ_GRPC_TLS_CERT")]
     pub grpc_tls_cert: Option<PathBuf>,
@@ -275,6 +283,8 @@ pub struct GrpcTls {
 pub struct IntrospectionConfig {
     pub url: String,
     pub ca_file: Option<PathBuf>,
+    /// The proxy for every IdP call; `None`: direct, whatever the environment says.
+    pub proxy: Option<ProxyUrl>,
     pub client_id: String,
     pub client_secret: SecretSource,
     pub mode: IntrospectionMode,
@@ -327,6 +337,23 @@ fn masked_url(url: &str) -> String {
     match rest.rfind('@') {
         Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
         None => url.to_string(),
+    }
+}
+
+/// A proxy's URL, which may carry credentials: its `Debug` masks them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProxyUrl(Secret);
+
+impl ProxyUrl {
+    /// The URL itself, credentials included, for the one place that uses it.
+    pub fn expose(&self) -> &str {
+        self.0.expose()
+    }
+}
+
+impl fmt::Debug for ProxyUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", masked_url(self.0.expose()))
     }
 }
 
@@ -476,6 +503,7 @@ impl Config {
             args.grpc_tls_client_ca,
         )?;
         let otlp_endpoint = args.otlp_endpoint.map(validate_otlp_endpoint).transpose()?;
+        let idp_proxy = args.idp_proxy.map(validate_proxy_url).transpose()?;
         if args.idp_ca_file.is_some() && url.starts_with("http://") {
             return Err(invalid(
                 "--idp-ca-file",
@@ -491,6 +519,7 @@ impl Config {
             introspection: IntrospectionConfig {
                 url,
                 ca_file: args.idp_ca_file,
+                proxy: idp_proxy,
                 client_id,
                 client_secret,
                 mode: args.introspection_mode,
@@ -592,6 +621,29 @@ fn validate_otlp_endpoint(url: String) -> Result<String, ConfigError> {
         return Err(invalid(flag, "contains whitespace"));
     }
     Ok(url)
+}
+
+/// The IdP proxy: http or https, a host, no whitespace; credentials are allowed. Problems are
+/// described without echoing the URL, which may hold a password.
+fn validate_proxy_url(url: String) -> Result<ProxyUrl, ConfigError> {
+    let flag = "--idp-proxy";
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| invalid(flag, "must start with http:// or https://"))?;
+    // Credentials may hold '/', '?' or '#': the host follows the last '@'.
+    let after_credentials = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    let host = after_credentials
+        .split(['/', '?', '#'])
+        .next()
+        .unwrap_or_default();
+    if host.is_empty() {
+        return Err(invalid(flag, "has no host"));
+    }
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(invalid(flag, "contains whitespace"));
+    }
+    Ok(ProxyUrl(Secret::new(url)))
 }
 
 /// The realm goes inside a quoted-string in `WWW-Authenticate`.
@@ -895,6 +947,40 @@ mod tests {
         ] {
             let err = args(&["--otlp-endpoint", bad]).unwrap_err();
             assert_eq!(err.flag, "--otlp-endpoint", "{bad}");
+        }
+    }
+
+    #[test]
+    fn idp_proxy_is_off_by_default_checked_and_masked() {
+        assert!(args(&[]).unwrap().introspection.proxy.is_none());
+        let config = args(&["--idp-proxy", "http://proxy.internal:3128"]).unwrap();
+        let proxy = config.introspection.proxy.as_ref().unwrap();
+        assert_eq!(proxy.expose(), "http://proxy.internal:3128");
+        assert!(format!("{config:?}").contains("http://proxy.internal:3128"));
+
+        let config = args(&["--idp-proxy", "https://gw:pr0xy#p/w?d@proxy.internal:3128"]).unwrap();
+        let proxy = config.introspection.proxy.as_ref().unwrap();
+        assert_eq!(proxy.expose(), "https://gw:pr0xy#p/w?d@proxy.internal:3128");
+        let printed = format!("{config:?}");
+        assert!(
+            printed.contains("https://***@proxy.internal:3128"),
+            "{printed}"
+        );
+        assert!(
+            !printed.contains("pr0xy") && !printed.contains("w?d"),
+            "{printed}"
+        );
+
+        for bad in [
+            "proxy.internal:3128",
+            "socks5://proxy.internal:1080",
+            "http://",
+            "http://user:pw@",
+            "http://proxy .internal:3128",
+        ] {
+            let err = args(&["--idp-proxy", bad]).unwrap_err();
+            assert_eq!(err.flag, "--idp-proxy", "{bad}");
+            assert!(!err.to_string().contains("pw"), "{err}");
         }
     }
 

@@ -187,6 +187,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let idp = HttpIntrospector::new(
         &config.introspection.url,
         idp_ca.as_deref(),
+        config.introspection.proxy.as_ref(),
         &config.introspection.client_id,
         &client_secret,
         config.introspection.mode,
