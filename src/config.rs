@@ -53,6 +53,20 @@ pub struct Args {
     #[arg(long, env = "PHANTOM_AUTHZ_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
 
+    /// PEM certificate chain for TLS on the admin gRPC listener (with --admin-grpc-tls-key), so
+    /// that the admin secret and the tokens to evict do not travel in plaintext.
+    #[arg(long, env = "PHANTOM_AUTHZ_ADMIN_GRPC_TLS_CERT")]
+    pub admin_grpc_tls_cert: Option<PathBuf>,
+
+    /// PEM private key for TLS on the admin gRPC listener (with --admin-grpc-tls-cert).
+    #[arg(long, env = "PHANTOM_AUTHZ_ADMIN_GRPC_TLS_KEY")]
+    pub admin_grpc_tls_key: Option<PathBuf>,
+
+    /// PEM CA(s) for admin client certificates: when given, every admin gRPC client must
+    /// present a certificate signed by one of them (mTLS), besides the bearer secret.
+    #[arg(long, env = "PHANTOM_AUTHZ_ADMIN_GRPC_TLS_CLIENT_CA")]
+    pub admin_grpc_tls_client_ca: Option<PathBuf>,
+
     /// The identity server's introspection endpoint (http or https).
     #[arg(long, env = "PHANTOM_AUTHZ_INTROSPECTION_URL")]
     pub introspection_url: Option<String>,
@@ -61,6 +75,14 @@ pub struct Args {
     /// trusted for the IdP; otherwise the system's roots are.
     #[arg(long, env = "PHANTOM_AUTHZ_IDP_CA_FILE")]
     pub idp_ca_file: Option<PathBuf>,
+
+    /// HTTP(S) proxy through which every call to the identity server goes (http:// or
+    /// https://; credentials allowed, `http://user:password@proxy:3128`, and masked wherever
+    /// printed). Without it the IdP is called directly: HTTP_PROXY, HTTPS_PROXY, ALL_PROXY and
+    /// their lowercase forms are ignored, so the client secret and tokens never take a route
+    /// nobody configured for this service.
+    #[arg(long, env = "PHANTOM_AUTHZ_IDP_PROXY", hide_env_values = true)]
+    pub idp_proxy: Option<String>,
 
     /// PEM certificate chain for TLS on the gRPC listener (with --grpc-tls-key).
     #[arg(long, env = "PHANTOM_AUTHZ_GRPC_TLS_CERT")]
@@ -300,7 +322,7 @@ pub struct GrpcLimits {
     pub max_request_bytes: usize,
 }
 
-/// TLS on the gRPC listener; files are read at start-up.
+/// TLS on a gRPC listener (ext_authz or admin); files are read at start-up.
 #[derive(Debug)]
 pub struct GrpcTls {
     pub cert: PathBuf,
@@ -314,6 +336,8 @@ pub struct GrpcTls {
 pub struct IntrospectionConfig {
     pub url: String,
     pub ca_file: Option<PathBuf>,
+    /// The proxy for every IdP call; `None`: direct, whatever the environment says.
+    pub proxy: Option<ProxyUrl>,
     pub client_id: String,
     pub client_secret: SecretSource,
     pub mode: IntrospectionMode,
@@ -337,6 +361,8 @@ pub struct CacheConfig {
 pub struct AdminGrpcConfig {
     pub listen: SocketAddr,
     pub token_file: PathBuf,
+    /// TLS on the admin listener; `None`: plaintext.
+    pub tls: Option<GrpcTls>,
 }
 
 /// The shared cache.
@@ -359,15 +385,33 @@ impl fmt::Debug for RedisConfig {
     }
 }
 
-/// A URL with any userinfo (`user:password@`) replaced by `***@`.
+/// A URL with any userinfo (`user:password@`) replaced by `***@`: everything between `://` and
+/// the last `@`, so that a password holding `/`, `?`, `#` or `@` is masked whole. An `@` later
+/// in the URL masks more than needed, never less.
 fn masked_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return "***".to_string();
     };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
+    match rest.rfind('@') {
         Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
         None => url.to_string(),
+    }
+}
+
+/// A proxy's URL, which may carry credentials: its `Debug` masks them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProxyUrl(Secret);
+
+impl ProxyUrl {
+    /// The URL itself, credentials included, for the one place that uses it.
+    pub fn expose(&self) -> &str {
+        self.0.expose()
+    }
+}
+
+impl fmt::Debug for ProxyUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", masked_url(self.0.expose()))
     }
 }
 
@@ -499,6 +543,18 @@ impl Config {
             return Err(invalid("--max-token-length", "must be at least 1"));
         }
         validate_realm(&args.realm)?;
+        let admin_grpc_tls = tls_files(
+            ADMIN_GRPC_TLS_FLAGS,
+            args.admin_grpc_tls_cert,
+            args.admin_grpc_tls_key,
+            args.admin_grpc_tls_client_ca,
+        )?;
+        if admin_grpc_tls.is_some() && args.admin_grpc_listen.is_none() {
+            return Err(invalid(
+                "--admin-grpc-tls-cert",
+                "has no use without --admin-grpc-listen",
+            ));
+        }
         let admin_grpc = match (args.admin_grpc_listen, args.admin_token_file) {
             (Some(listen), Some(_))
                 if listen.port() != 0
@@ -509,7 +565,11 @@ impl Config {
                     "must differ from --grpc-listen and --admin-listen",
                 ));
             }
-            (Some(listen), Some(token_file)) => Some(AdminGrpcConfig { listen, token_file }),
+            (Some(listen), Some(token_file)) => Some(AdminGrpcConfig {
+                listen,
+                token_file,
+                tls: admin_grpc_tls,
+            }),
             (Some(_), None) => {
                 return Err(invalid(
                     "--admin-token-file",
@@ -525,37 +585,14 @@ impl Config {
             (None, None) => None,
         };
 
-        let grpc_tls = match (
+        let grpc_tls = tls_files(
+            GRPC_TLS_FLAGS,
             args.grpc_tls_cert,
             args.grpc_tls_key,
             args.grpc_tls_client_ca,
-        ) {
-            (Some(cert), Some(key), client_ca) => Some(GrpcTls {
-                cert,
-                key,
-                client_ca,
-            }),
-            (None, None, None) => None,
-            (None, None, Some(_)) => {
-                return Err(invalid(
-                    "--grpc-tls-client-ca",
-                    "needs --grpc-tls-cert and --grpc-tls-key",
-                ));
-            }
-            (Some(_), None, _) => {
-                return Err(invalid(
-                    "--grpc-tls-key",
-                    "is required with --grpc-tls-cert",
-                ));
-            }
-            (None, Some(_), _) => {
-                return Err(invalid(
-                    "--grpc-tls-cert",
-                    "is required with --grpc-tls-key",
-                ));
-            }
-        };
+        )?;
         let otlp_endpoint = args.otlp_endpoint.map(validate_otlp_endpoint).transpose()?;
+        let idp_proxy = args.idp_proxy.map(validate_proxy_url).transpose()?;
         if args.idp_ca_file.is_some() && url.starts_with("http://") {
             return Err(invalid(
                 "--idp-ca-file",
@@ -571,6 +608,7 @@ impl Config {
             introspection: IntrospectionConfig {
                 url,
                 ca_file: args.idp_ca_file,
+                proxy: idp_proxy,
                 client_id,
                 client_secret,
                 mode: args.introspection_mode,
@@ -601,6 +639,42 @@ impl Config {
             log_format: args.log_format,
             otlp_endpoint,
         })
+    }
+}
+
+/// The flags naming a listener's TLS files: certificate, key, client CA.
+pub type TlsFlags = [&'static str; 3];
+
+/// The ext_authz listener's TLS flags.
+pub const GRPC_TLS_FLAGS: TlsFlags = ["--grpc-tls-cert", "--grpc-tls-key", "--grpc-tls-client-ca"];
+
+/// The admin gRPC listener's TLS flags.
+pub const ADMIN_GRPC_TLS_FLAGS: TlsFlags = [
+    "--admin-grpc-tls-cert",
+    "--admin-grpc-tls-key",
+    "--admin-grpc-tls-client-ca",
+];
+
+/// A listener's TLS files: none, or a certificate and key with an optional client CA.
+fn tls_files(
+    [cert_flag, key_flag, client_ca_flag]: TlsFlags,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+) -> Result<Option<GrpcTls>, ConfigError> {
+    match (cert, key, client_ca) {
+        (Some(cert), Some(key), client_ca) => Ok(Some(GrpcTls {
+            cert,
+            key,
+            client_ca,
+        })),
+        (None, None, None) => Ok(None),
+        (None, None, Some(_)) => Err(invalid(
+            client_ca_flag,
+            format!("needs {cert_flag} and {key_flag}"),
+        )),
+        (Some(_), None, _) => Err(invalid(key_flag, format!("is required with {cert_flag}"))),
+        (None, Some(_), _) => Err(invalid(cert_flag, format!("is required with {key_flag}"))),
     }
 }
 
@@ -643,6 +717,29 @@ fn validate_otlp_endpoint(url: String) -> Result<String, ConfigError> {
         return Err(invalid(flag, "contains whitespace"));
     }
     Ok(url)
+}
+
+/// The IdP proxy: http or https, a host, no whitespace; credentials are allowed. Problems are
+/// described without echoing the URL, which may hold a password.
+fn validate_proxy_url(url: String) -> Result<ProxyUrl, ConfigError> {
+    let flag = "--idp-proxy";
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| invalid(flag, "must start with http:// or https://"))?;
+    // Credentials may hold '/', '?' or '#': the host follows the last '@'.
+    let after_credentials = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    let host = after_credentials
+        .split(['/', '?', '#'])
+        .next()
+        .unwrap_or_default();
+    if host.is_empty() {
+        return Err(invalid(flag, "has no host"));
+    }
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(invalid(flag, "contains whitespace"));
+    }
+    Ok(ProxyUrl(Secret::new(url)))
 }
 
 /// The realm goes inside a quoted-string in `WWW-Authenticate`.
@@ -766,6 +863,47 @@ mod tests {
         ])
         .unwrap_err();
         assert_eq!(err.flag, "--admin-grpc-listen");
+    }
+
+    #[test]
+    fn admin_grpc_tls_takes_a_certificate_and_key_and_needs_its_listener() {
+        let admin = [
+            "--admin-grpc-listen",
+            "127.0.0.1:9002",
+            "--admin-token-file",
+            "/run/admin",
+        ];
+        let with = |tls: &[&str]| args(&[&admin[..], tls].concat());
+        assert!(with(&[]).unwrap().admin_grpc.unwrap().tls.is_none());
+        let config = with(&[
+            "--admin-grpc-tls-cert",
+            "/tls/admin.pem",
+            "--admin-grpc-tls-key",
+            "/tls/admin.key",
+            "--admin-grpc-tls-client-ca",
+            "/tls/ca.pem",
+        ])
+        .unwrap();
+        let tls = config.admin_grpc.unwrap().tls.unwrap();
+        assert_eq!(tls.cert, PathBuf::from("/tls/admin.pem"));
+        assert_eq!(tls.key, PathBuf::from("/tls/admin.key"));
+        assert_eq!(tls.client_ca, Some(PathBuf::from("/tls/ca.pem")));
+        // The data plane's TLS stays separate.
+        assert!(config.grpc_tls.is_none());
+
+        for (tls, flag) in [
+            (&["--admin-grpc-tls-cert", "/c"][..], "--admin-grpc-tls-key"),
+            (&["--admin-grpc-tls-key", "/k"][..], "--admin-grpc-tls-cert"),
+            (
+                &["--admin-grpc-tls-client-ca", "/ca"][..],
+                "--admin-grpc-tls-client-ca",
+            ),
+        ] {
+            assert_eq!(with(tls).unwrap_err().flag, flag, "{tls:?}");
+        }
+        let err = args(&["--admin-grpc-tls-cert", "/c", "--admin-grpc-tls-key", "/k"]).unwrap_err();
+        assert_eq!(err.flag, "--admin-grpc-tls-cert");
+        assert!(err.to_string().contains("--admin-grpc-listen"), "{err}");
     }
 
     fn args(extra: &[&str]) -> Result<Config, ConfigError> {
@@ -928,6 +1066,40 @@ mod tests {
     }
 
     #[test]
+    fn idp_proxy_is_off_by_default_checked_and_masked() {
+        assert!(args(&[]).unwrap().introspection.proxy.is_none());
+        let config = args(&["--idp-proxy", "http://proxy.internal:3128"]).unwrap();
+        let proxy = config.introspection.proxy.as_ref().unwrap();
+        assert_eq!(proxy.expose(), "http://proxy.internal:3128");
+        assert!(format!("{config:?}").contains("http://proxy.internal:3128"));
+
+        let config = args(&["--idp-proxy", "https://gw:pr0xy#p/w?d@proxy.internal:3128"]).unwrap();
+        let proxy = config.introspection.proxy.as_ref().unwrap();
+        assert_eq!(proxy.expose(), "https://gw:pr0xy#p/w?d@proxy.internal:3128");
+        let printed = format!("{config:?}");
+        assert!(
+            printed.contains("https://***@proxy.internal:3128"),
+            "{printed}"
+        );
+        assert!(
+            !printed.contains("pr0xy") && !printed.contains("w?d"),
+            "{printed}"
+        );
+
+        for bad in [
+            "proxy.internal:3128",
+            "socks5://proxy.internal:1080",
+            "http://",
+            "http://user:pw@",
+            "http://proxy .internal:3128",
+        ] {
+            let err = args(&["--idp-proxy", bad]).unwrap_err();
+            assert_eq!(err.flag, "--idp-proxy", "{bad}");
+            assert!(!err.to_string().contains("pw"), "{err}");
+        }
+    }
+
+    #[test]
     fn secrets_do_not_debug_print() {
         let config = args(&[
             "--redis-url",
@@ -942,5 +1114,20 @@ mod tests {
         assert!(printed.contains("redis://***@cache:6379"), "{printed}");
         assert_eq!(masked_url("rediss://r:6380/0"), "rediss://r:6380/0");
         assert_eq!(masked_url("redis://u:p@w@r:1/0"), "redis://***@r:1/0");
+        for (url, host) in [
+            (
+                "redis://:pa#ss/wo?rd@host:6379/0",
+                "redis://***@host:6379/0",
+            ),
+            ("rediss://user:p/w@host:6380", "rediss://***@host:6380"),
+            ("redis://:p?w#x@host", "redis://***@host"),
+            ("redis://:a@b/c?d#e@host:1/2", "redis://***@host:1/2"),
+        ] {
+            let masked = masked_url(url);
+            assert_eq!(masked, host, "{url}");
+            for fragment in ["pa#ss", "wo?rd", "p/w", "p?w", "#x", "b/c"] {
+                assert!(!masked.contains(fragment), "{url}: {masked}");
+            }
+        }
     }
 }

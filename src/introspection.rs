@@ -10,7 +10,7 @@ use base64::engine::general_purpose::STANDARD;
 use reqwest::header::{ACCEPT, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
 
 use crate::BoxFuture;
-use crate::config::{IntrospectionMode, Secret};
+use crate::config::{IntrospectionMode, ProxyUrl, Secret};
 use crate::jwt;
 use crate::metrics;
 use crate::token::Token;
@@ -124,10 +124,12 @@ pub struct HttpIntrospector {
 }
 
 impl HttpIntrospector {
-    /// `ca_pem`: when given, the only CAs trusted for the IdP's certificate.
+    /// `ca_pem`: when given, the only CAs trusted for the IdP's certificate. `proxy`: when
+    /// given, every call goes through it; otherwise none does, whatever the environment says.
     pub fn new(
         url: &str,
         ca_pem: Option<&[u8]>,
+        proxy: Option<&ProxyUrl>,
         client_id: &str,
         client_secret: &Secret,
         mode: IntrospectionMode,
@@ -143,6 +145,16 @@ impl HttpIntrospector {
             }
             builder = builder.tls_certs_only(roots);
         }
+        builder = match proxy {
+            // The error is not shown: it could hold the URL, and the URL a password.
+            Some(proxy) => builder.proxy(
+                reqwest::Proxy::all(proxy.expose())
+                    .map_err(|_| "--idp-proxy: not a usable proxy URL".to_string())?,
+            ),
+            // HTTP(S)_PROXY and ALL_PROXY were not set for this service: the client secret and
+            // tokens must not follow them.
+            None => builder.no_proxy(),
+        };
         let client = builder
             // The credentials must never travel to wherever a redirect points.
             .redirect(reqwest::redirect::Policy::none())

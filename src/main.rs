@@ -11,13 +11,18 @@ use clap::Parser as _;
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::{Duration, Instant};
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use phantom_authz::authorizer::{Authorizer, Ttls};
 use phantom_authz::cache::SharedCache;
 use phantom_authz::cache::local::LocalCache;
 use phantom_authz::cache::redis::{CacheSecrets, RedisCache};
-use phantom_authz::config::{Args, Config, GrpcTls, LogFormat, Secret, SecretSource, file_args};
+use phantom_authz::config::{
+    ADMIN_GRPC_TLS_FLAGS, Args, Config, GRPC_TLS_FLAGS, GrpcTls, LogFormat, Secret, SecretSource,
+    TlsFlags, file_args,
+};
 use phantom_authz::decision::Responder;
 use phantom_authz::introspection::HttpIntrospector;
 use phantom_authz::introspection::guard::Guarded;
@@ -75,6 +80,9 @@ fn main() -> ExitCode {
     if let Some(telemetry) = telemetry {
         telemetry.shutdown();
     }
+    // Whatever was abandoned at the end of the grace (a blocking DNS lookup, say) must not
+    // keep the process alive: tasks are dropped without waiting for blocking threads.
+    runtime.shutdown_background();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -114,10 +122,13 @@ fn check_files(config: &Config) -> anyhow::Result<()> {
         read_cache_secrets(&redis.secret_file)?;
     }
     if let Some(tls) = &config.grpc_tls {
-        grpc_tls(tls)?;
+        server_tls(tls, GRPC_TLS_FLAGS)?;
     }
     if let Some(admin) = &config.admin_grpc {
         read_admin_token(&admin.token_file)?;
+        if let Some(tls) = &admin.tls {
+            server_tls(tls, ADMIN_GRPC_TLS_FLAGS)?;
+        }
     }
     Ok(())
 }
@@ -177,6 +188,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let idp = HttpIntrospector::new(
         &config.introspection.url,
         idp_ca.as_deref(),
+        config.introspection.proxy.as_ref(),
         &config.introspection.client_id,
         &client_secret,
         config.introspection.mode,
@@ -224,7 +236,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
         config.max_token_length,
     );
 
-    let grpc_tls = config.grpc_tls.as_ref().map(grpc_tls).transpose()?;
+    let grpc_tls = config
+        .grpc_tls
+        .as_ref()
+        .map(|tls| server_tls(tls, GRPC_TLS_FLAGS))
+        .transpose()?;
+    let sigterm = terminated();
     let grpc_listener = TcpListener::bind(config.grpc_listen)
         .await
         .with_context(|| format!("--grpc-listen: cannot bind {}", config.grpc_listen))?;
@@ -234,11 +251,20 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let admin_grpc = match &config.admin_grpc {
         Some(admin) => {
             let guard = AdminGuard::new(&read_admin_token(&admin.token_file)?);
+            let tls = admin
+                .tls
+                .as_ref()
+                .map(|tls| server_tls(tls, ADMIN_GRPC_TLS_FLAGS))
+                .transpose()?;
             let listener = TcpListener::bind(admin.listen)
                 .await
                 .with_context(|| format!("--admin-grpc-listen: cannot bind {}", admin.listen))?;
-            tracing::info!(admin_grpc = %listener.local_addr()?, "admin gRPC listening");
-            Some((listener, guard))
+            tracing::info!(
+                admin_grpc = %listener.local_addr()?,
+                tls = tls.is_some(),
+                "admin gRPC listening"
+            );
+            Some((listener, guard, tls))
         }
         None => None,
     };
@@ -252,68 +278,127 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
     let serving = Arc::new(AtomicBool::new(true));
     let (health, health_service) = tonic_health::server::health_reporter();
+    // Set when SIGTERM arrives, to the instant by which everything must have stopped.
+    let (deadline_tx, deadline_rx) = watch::channel(None);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let admin = tokio::spawn(server::serve_admin(
-        admin_listener,
-        metrics,
-        Readiness {
-            serving: serving.clone(),
-            redis: redis_health,
-        },
-        stopped(stop_rx.clone(), true),
-    ));
+    let mut tasks = vec![(
+        "admin HTTP",
+        tokio::spawn(server::serve_admin(
+            admin_listener,
+            metrics,
+            Readiness {
+                serving: serving.clone(),
+                redis: redis_health,
+            },
+            stopped(stop_rx.clone(), true),
+        )),
+    )];
 
     let signal_health = health.clone();
     let signal_serving = serving.clone();
-    let (drain_tx, drain_rx) = watch::channel(false);
+    let grace = config.shutdown_grace;
     tokio::spawn(async move {
-        terminated().await;
+        sigterm.await;
+        let deadline = grace_deadline(grace);
         tracing::info!("shutting down: not serving, draining in-flight checks");
         signal_serving.store(false, Ordering::Relaxed);
+        // Envoy's `grpc_health_check: {}` asks about the whole server: the service name "".
+        signal_health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
         signal_health
             .set_not_serving::<AuthorizationServer<CheckService>>()
             .await;
-        let _ = drain_tx.send(true);
+        let _ = deadline_tx.send(Some(deadline));
     });
 
     // Eviction calls stop with Checks; the subscriber listens until the very end.
-    let admin_grpc = admin_grpc.map(|(listener, guard)| {
+    if let Some((listener, guard, tls)) = admin_grpc {
         let service = AdminService::new(authorizer.clone(), config.max_token_length);
-        let shutdown = stopped(drain_rx.clone(), true);
-        tokio::spawn(async move {
-            if let Err(error) = revocation::serve(listener, service, guard, shutdown).await {
+        let shutdown = draining(deadline_rx.clone());
+        let task = tokio::spawn(async move {
+            if let Err(error) = revocation::serve(listener, service, guard, tls, shutdown).await {
                 tracing::error!(%error, "admin gRPC listener failed; evictions unavailable");
             }
-        })
-    });
-    let evictions = redis.map(|redis| {
+        });
+        tasks.push(("admin gRPC", task));
+    }
+    if let Some(redis) = redis {
         let shutdown = stopped(stop_rx.clone(), true);
-        tokio::spawn(revocation::subscribe(redis, authorizer.clone(), shutdown))
-    });
+        let task = tokio::spawn(revocation::subscribe(redis, authorizer.clone(), shutdown));
+        tasks.push(("eviction subscriber", task));
+    }
 
-    let grace = config.shutdown_grace;
-    let drain_deadline = {
-        let drain_rx = drain_rx.clone();
-        async move {
-            stopped(drain_rx, true).await;
-            tokio::time::sleep(grace).await;
-        }
+    // Everything, the ext_authz listener included, ends within the grace counted from SIGTERM:
+    // a connection that never finishes its request must not hold the process past it.
+    let mut cut = Vec::new();
+    let past_deadline = {
+        let deadline_rx = deadline_rx.clone();
+        async move { tokio::time::sleep_until(shutdown_deadline(deadline_rx).await).await }
     };
     tokio::select! {
-        result = server::serve_grpc(grpc_listener, service, health, health_service, grpc_tls, config.grpc_limits, stopped(drain_rx, true)) => {
+        result = server::serve_grpc(grpc_listener, service, health, health_service, grpc_tls, config.grpc_limits, draining(deadline_rx.clone())) => {
             result.context("serving gRPC")?;
         }
-        () = drain_deadline => {
-            tracing::warn!(grace = ?grace, "in-flight checks still running after the grace period; exiting");
-        }
+        () = past_deadline => cut.push("ext_authz"),
     }
+    let deadline = deadline_rx
+        .borrow()
+        .unwrap_or_else(|| grace_deadline(grace));
     let _ = stop_tx.send(true);
-    let _ = admin.await;
-    for task in [admin_grpc, evictions].into_iter().flatten() {
-        let _ = task.await;
+    cut.extend(finish_by(deadline, tasks).await);
+    if !cut.is_empty() {
+        tracing::warn!(
+            grace = ?grace,
+            cut = %cut.join(", "),
+            "still running at the end of the shutdown grace period; abandoned"
+        );
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Resolves with the shutdown deadline once SIGTERM arrived.
+async fn shutdown_deadline(mut rx: watch::Receiver<Option<Instant>>) -> Instant {
+    let deadline = rx.wait_for(Option::is_some).await.ok().and_then(|d| *d);
+    match deadline {
+        Some(deadline) => deadline,
+        // The signal task is gone without a deadline: it cannot listen, so never stop.
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves once SIGTERM arrived: the shutdown signal for listeners that drain.
+async fn draining(rx: watch::Receiver<Option<Instant>>) {
+    shutdown_deadline(rx).await;
+}
+
+/// When the grace from now ends; a grace too long for the clock means "as long as it takes".
+fn grace_deadline(grace: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(grace)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 60 * 60))
+}
+
+/// Waits for every task until `deadline`, then aborts those still running and names them.
+async fn finish_by(
+    deadline: Instant,
+    mut tasks: Vec<(&'static str, JoinHandle<()>)>,
+) -> Vec<&'static str> {
+    let all = async {
+        for (_, task) in &mut tasks {
+            let _ = task.await;
+        }
+    };
+    let _ = tokio::time::timeout_at(deadline, all).await;
+    tasks
+        .into_iter()
+        .filter(|(_, task)| !task.is_finished())
+        .map(|(name, task)| {
+            task.abort();
+            name
+        })
+        .collect()
 }
 
 /// Resolves once the watched flag equals `value` (or its sender is gone).
@@ -321,18 +406,24 @@ async fn stopped(mut rx: watch::Receiver<bool>, value: bool) {
     let _ = rx.wait_for(|v| *v == value).await;
 }
 
-async fn terminated() {
+/// Listens for SIGTERM and SIGINT from now on; the future resolves at the first of them.
+/// Installed before the listeners are announced, so that a SIGTERM sent as soon as the service
+/// is up drains it rather than killing it outright.
+fn terminated() -> impl Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let signals = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot listen for SIGTERM; shutdown will not drain");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = signals else {
+            tracing::error!("cannot listen for SIGTERM; shutdown will not drain");
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
     }
 }
 
@@ -344,11 +435,13 @@ fn read_file(path: Option<&std::path::Path>, flag: &str) -> anyhow::Result<Optio
     .transpose()
 }
 
-fn grpc_tls(tls: &GrpcTls) -> anyhow::Result<ServerTlsConfig> {
-    let cert = read_file(Some(&tls.cert), "--grpc-tls-cert")?.unwrap_or_default();
-    let key = read_file(Some(&tls.key), "--grpc-tls-key")?.unwrap_or_default();
+/// Reads a listener's TLS files, naming the listener's `flags` when that fails.
+fn server_tls(tls: &GrpcTls, flags: TlsFlags) -> anyhow::Result<ServerTlsConfig> {
+    let [cert_flag, key_flag, client_ca_flag] = flags;
+    let cert = read_file(Some(&tls.cert), cert_flag)?.unwrap_or_default();
+    let key = read_file(Some(&tls.key), key_flag)?.unwrap_or_default();
     let mut config = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
-    if let Some(ca) = read_file(tls.client_ca.as_deref(), "--grpc-tls-client-ca")? {
+    if let Some(ca) = read_file(tls.client_ca.as_deref(), client_ca_flag)? {
         config = config.client_ca_root(Certificate::from_pem(ca));
     }
     Ok(config)

@@ -184,16 +184,22 @@ fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
 /// The admin API's descriptors, for reflection; encoded by the build script.
 const ADMIN_DESCRIPTORS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/admin_descriptor.bin"));
 
-/// Serves the admin API on `listener`, every call behind `guard`, until `shutdown` resolves.
-/// Reflection describes the API's schema (not guarded: it reveals no data).
+/// Serves the admin API on `listener`, every call behind `guard`, until `shutdown` resolves;
+/// over TLS when `tls` is given. Reflection describes the API's schema (not guarded: it reveals
+/// no data).
 pub async fn serve(
     listener: TcpListener,
     service: AdminService,
     guard: AdminGuard,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
         .timeout(ADMIN_CALL_TIMEOUT)
         .add_service(AdminServer::with_interceptor(service, guard))
         .add_optional_service(crate::server::reflection(&[ADMIN_DESCRIPTORS]))

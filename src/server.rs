@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::http::{StatusCode, header};
@@ -14,6 +14,10 @@ use envoy_types::pb::envoy::service::auth::v3::authorization_server::{
     Authorization, AuthorizationServer,
 };
 use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
@@ -167,13 +171,14 @@ pub struct Readiness {
     pub redis: Option<Arc<crate::cache::redis::RedisHealth>>,
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown` resolves.
+/// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown` resolves, each connection bound
+/// by [`ADMIN_HEADER_READ_TIMEOUT`].
 pub async fn serve_admin(
     listener: TcpListener,
     metrics: PrometheusHandle,
     readiness: Readiness,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) {
     let app = Router::new()
         .route(
             "/metrics",
@@ -198,9 +203,51 @@ pub async fn serve_admin(
                 async move { ready(&readiness) }
             }),
         );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    serve_http(listener, app, shutdown).await;
+}
+
+/// How long a client of the admin HTTP listener may take to send a request's headers, counted
+/// from connecting (or, between requests, from the previous response) to the blank line.
+/// Prometheus sends them at once; a connection that dribbles them (slowloris) or sits idle
+/// longer is closed.
+pub const ADMIN_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// HTTP/1 for `app` on `listener` until `shutdown` resolves; then stops accepting, lets requests
+/// under way finish and closes idle connections. `axum::serve` sets no header-read timeout, so
+/// each connection is served by hyper directly, with one.
+async fn serve_http(listener: TcpListener, app: Router, shutdown: impl Future<Output = ()>) {
+    let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(ADMIN_HEADER_READ_TIMEOUT);
+    let connections = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // Out of file descriptors, most likely: pause rather than spin.
+                    tracing::warn!(%error, "admin listener: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()))
+            .into_owned();
+        let connection = connections.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "admin connection closed with an error");
+            }
+        });
+    }
+    drop(listener);
+    connections.shutdown().await;
 }
 
 fn ready(readiness: &Readiness) -> impl IntoResponse + use<> {

@@ -738,6 +738,90 @@ async fn idp_going_down_mid_life_is_503_and_cached_allows_survive() {
     );
 }
 
+/// A TCP listener that counts connections and drops each one: a proxy nobody should use.
+async fn counting_listener() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counter = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            drop(stream);
+        }
+    });
+    (addr, connections)
+}
+
+/// The service against `introspection_url` with `extra` flags and `env` variables.
+fn service_with_env(introspection_url: &str, extra: &[&str], env: &[(&str, &str)]) -> Service {
+    let mut args = vec![
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--introspection-url",
+        introspection_url,
+        "--client-id",
+        CLIENT_ID,
+    ];
+    args.extend_from_slice(extra);
+    let mut env = env.to_vec();
+    env.push(("PHANTOM_AUTHZ_CLIENT_SECRET", CLIENT_SECRET));
+    Service::spawn(&args, &env)
+}
+
+#[tokio::test]
+async fn proxy_variables_in_the_environment_are_ignored() {
+    let idp = vouching_idp().await;
+    let (proxy, connections) = counting_listener().await;
+    let proxy = format!("http://{proxy}");
+    let mut env: Vec<(&str, &str)> = [
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+    ]
+    .map(|name| (name, proxy.as_str()))
+    .to_vec();
+    // An exemption inherited from the test's own environment would hide the fault.
+    env.extend([("NO_PROXY", ""), ("no_proxy", "")]);
+    let service = service_with_env(&idp.url(), &[], &env);
+    let mut client = service.client().await;
+    for token in ["direct-1", "direct-2"] {
+        let (verdict, _) = timed_check(&mut client, bearer_request(token)).await;
+        assert_allowed_for(&verdict, token);
+    }
+    assert_eq!(idp.calls(), 2);
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        0,
+        "the client secret and tokens went to a proxy from the environment"
+    );
+}
+
+#[tokio::test]
+async fn idp_proxy_carries_every_introspection() {
+    // The scripted IdP stands in for the proxy: it answers the absolute-form request
+    // (`POST http://idp.invalid/… HTTP/1.1`) itself. `.invalid` never resolves, so an answer
+    // proves the call went through the proxy.
+    let idp = vouching_idp().await;
+    let proxy = format!("http://proxy-user:Pr0xy-Pa55@{}", idp.addr);
+    let service = service_with_env(
+        "http://idp.invalid/oauth/v2/oauth-introspect",
+        &["--idp-proxy", &proxy],
+        &[],
+    );
+    let mut client = service.client().await;
+    let (verdict, _) = timed_check(&mut client, bearer_request("proxied")).await;
+    assert_allowed_for(&verdict, "proxied");
+    assert_eq!(idp.calls(), 1);
+    assert_eq!(idp.seen()[0].token, "proxied");
+    assert!(!service.log().contains("Pr0xy-Pa55"), "{}", service.log());
+}
+
 #[tokio::test]
 async fn flapping_idp_never_yields_an_allow_on_a_failure() {
     // Every other call fails, in turn with 500, 503, a garbage 200 and a connection-level 502.
@@ -1033,6 +1117,29 @@ async fn circuit_opens_after_three_failures_fails_fast_then_one_probe_closes_it(
     let (verdict, _) = timed_check(&mut client, bearer_request("after")).await;
     assert_allowed_for(&verdict, "after");
     assert_eq!(idp.calls(), 5);
+}
+
+#[tokio::test]
+async fn an_absurd_circuit_open_duration_keeps_the_circuit_open_without_crashing() {
+    let idp = Idp::start(|_| Reply::status(500)).await;
+    let mut service = Service::start(
+        &idp.url(),
+        "jwt",
+        &[
+            "--circuit-failure-threshold",
+            "1",
+            "--circuit-open-duration",
+            "18446744073709551615s",
+        ],
+    );
+    let mut client = service.client().await;
+    let (verdict, _) = timed_check(&mut client, bearer_request("first")).await;
+    assert_eq!(verdict.http_status, 502, "the IdP's 500: {verdict:?}");
+    let (verdict, _) = timed_check(&mut client, bearer_request("second")).await;
+    assert_eq!(verdict.http_status, 503, "the circuit is open: {verdict:?}");
+    assert_eq!(idp.calls(), 1);
+    assert_alive(&mut service);
+    assert!(!service.log().contains("panicked"), "{}", service.log());
 }
 
 #[tokio::test]

@@ -7,6 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -117,6 +118,147 @@ async fn sigterm_drains_in_flight_checks_and_exits_zero() {
         .expect("did not exit");
     assert!(exit.success(), "{exit:?}");
     assert!(service.log().contains("shutting down"));
+}
+
+#[tokio::test]
+async fn overall_health_is_not_serving_from_sigterm_on_while_checks_drain() {
+    let idp = Idp::start(|s| {
+        Reply::jwt(&make_jwt(&s.token, Some(unix_now() + 60), 0)).delay(Duration::from_secs(3))
+    })
+    .await;
+    let mut service = Service::start(
+        &idp.url(),
+        "jwt",
+        &["--check-timeout", "10s", "--introspection-timeout", "10s"],
+    );
+    // At SIGTERM the listener stops accepting and open connections take no new calls, so the
+    // status is watched on a stream opened before (as `Watch` streams its changes).
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", service.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut watch = HealthClient::new(channel.clone())
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status(), ServingStatus::Serving);
+
+    let mut client = AuthorizationClient::new(channel);
+    let in_flight = tokio::spawn(async move { check(&mut client, bearer_request("slow")).await });
+    assert!(eventually(Duration::from_secs(5), async || idp.calls() == 1).await);
+    service.signal("TERM");
+    // The IdP holds the Check for 3 s, so the drain is still under way; the change is pushed
+    // at once, the bound only stops a missing change from hanging the test.
+    let next = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .expect("\"\" did not change while Checks drained")
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.status(), ServingStatus::NotServing);
+    drop(watch);
+    assert_eq!(in_flight.await.unwrap().http_status, 200);
+    let exit = service
+        .wait_exit(Duration::from_secs(10))
+        .expect("did not exit");
+    assert!(exit.success(), "{exit:?}");
+}
+
+/// Sends SIGTERM to a service started with `--shutdown-grace 500ms` while `held` is open, and
+/// asserts a clean exit within 3.5 s. The bound is seven times the grace, for a loaded machine,
+/// and still below the admin listener's 5 s header-read timeout, so the grace ends it, not
+/// that timeout; without a deadline the process stays up as long as the connection does.
+fn assert_exits_within_the_grace(service: &mut Service, held: &tokio::net::TcpStream) {
+    assert!(held.peer_addr().is_ok());
+    let signalled = std::time::Instant::now();
+    service.signal("TERM");
+    let exit = service.wait_exit(Duration::from_millis(3_500));
+    let took = signalled.elapsed();
+    let exit = exit.unwrap_or_else(|| {
+        panic!(
+            "still running {took:?} after SIGTERM; log:\n{}",
+            service.log()
+        )
+    });
+    assert_eq!(exit.code(), Some(0), "{exit:?}");
+    let log = service.log();
+    assert!(log.contains("grace period"), "{log}");
+}
+
+#[tokio::test]
+async fn sigterm_exits_within_the_grace_despite_a_half_sent_admin_request() {
+    use tokio::io::AsyncWriteExt as _;
+    let idp = Idp::start(|_| Reply::status(204)).await;
+    let mut service = Service::start(&idp.url(), "jwt", &["--shutdown-grace", "500ms"]);
+    let mut held = tokio::net::TcpStream::connect(service.admin).await.unwrap();
+    held.write_all(b"GET /metrics HTTP/1.1\r\nHost: phantom-authz\r\n")
+        .await
+        .unwrap();
+    assert_exits_within_the_grace(&mut service, &held);
+    assert!(service.log().contains("admin HTTP"), "{}", service.log());
+}
+
+#[tokio::test]
+async fn sigterm_exits_within_the_grace_despite_an_idle_admin_grpc_connection() {
+    let idp = Idp::start(|_| Reply::status(204)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("admin-token");
+    std::fs::write(&token_file, "an-admin-secret-of-some-length\n").unwrap();
+    let mut service = Service::start(
+        &idp.url(),
+        "jwt",
+        &[
+            "--shutdown-grace",
+            "500ms",
+            "--admin-grpc-listen",
+            "127.0.0.1:0",
+            "--admin-token-file",
+            token_file.to_str().unwrap(),
+        ],
+    );
+    let admin_grpc = service.admin_grpc().expect("admin gRPC listening");
+    // Connected, and nothing sent: not even the HTTP/2 preface. The server's own SETTINGS
+    // frame arriving shows that it accepted the connection and is serving it.
+    let held = tokio::net::TcpStream::connect(admin_grpc).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), held.readable())
+        .await
+        .expect("the admin gRPC listener never served the connection")
+        .unwrap();
+    assert_exits_within_the_grace(&mut service, &held);
+    assert!(service.log().contains("admin gRPC"), "{}", service.log());
+}
+
+#[tokio::test]
+async fn the_admin_listener_closes_connections_that_never_finish_their_headers() {
+    use phantom_authz::server::ADMIN_HEADER_READ_TIMEOUT;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let idp = Idp::start(|_| Reply::status(204)).await;
+    let service = Service::start(&idp.url(), "jwt", &[]);
+    let mut slow = tokio::net::TcpStream::connect(service.admin).await.unwrap();
+    slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: phantom-authz\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let silent = tokio::net::TcpStream::connect(service.admin).await.unwrap();
+    // The server closes both at the header-read timeout; 10 s more is for a loaded machine.
+    let bound = ADMIN_HEADER_READ_TIMEOUT + Duration::from_secs(10);
+    let (slow, silent) = tokio::join!(
+        tokio::time::timeout(bound, closed_by_peer(slow)),
+        tokio::time::timeout(bound, closed_by_peer(silent)),
+    );
+    assert!(slow.is_ok(), "a half-sent request held its connection open");
+    assert!(silent.is_ok(), "a silent connection was held open");
+    // The listener itself serves on.
+    assert_eq!(service.admin_get("/healthz").await.0, 200);
+
+    /// Reads until the other side closes (EOF) or resets the connection.
+    async fn closed_by_peer(mut stream: tokio::net::TcpStream) {
+        let mut buffer = [0u8; 1024];
+        while let Ok(1..) = stream.read(&mut buffer).await {}
+    }
 }
 
 #[tokio::test]
@@ -436,6 +578,42 @@ fn check_config_validates_and_prints_with_secrets_masked() {
         stderr.contains("--config") && stderr.contains("introspection_url"),
         "{stderr}"
     );
+}
+
+#[test]
+fn check_config_masks_a_redis_password_holding_url_delimiters() {
+    // `#`, `/` and `?` inside the password end a URL's authority for a naive parser, which
+    // then finds no `@` before them and prints the URL as it is.
+    let redis_url = "redis://:pa#ss/wo?rd@cache:6379/0";
+    let cache_secret = cache_secret_file(&[CACHE_SECRET]);
+    let args = [
+        "check-config",
+        "--cache-secret-file",
+        cache_secret.to_str().unwrap(),
+        "--introspection-url",
+        "https://idp.example/introspect",
+        "--client-id",
+        "gw",
+        "--client-secret",
+        "hunter2-secret",
+        "--redis-url",
+        redis_url,
+    ];
+    let output = Command::new(env!("CARGO_BIN_EXE_phantom-authz"))
+        .args(args)
+        .env_clear()
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("redis://***@cache:6379/0"), "{stdout}");
+    for fragment in ["pa#ss", "wo?rd", "pa#", "ss/wo", "?rd", "hunter2"] {
+        assert!(
+            !stdout.contains(fragment) && !stderr.contains(fragment),
+            "{fragment:?} printed:\n{stdout}{stderr}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use phantom_authz::revocation::proto::admin_client::AdminClient;
+use phantom_authz::revocation::proto::{EvictTokenRequest, EvictTokenResponse};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
 };
@@ -203,6 +205,134 @@ async fn grpc_listener_speaks_tls_and_requires_client_certificates() {
     assert!(plaintext, "a plaintext client was answered");
 }
 
+const ADMIN_SECRET: &str = "admin-Secret-0123456789abcdef";
+
+/// A service whose admin gRPC API speaks TLS with the test certificate; `client_ca` also
+/// requires client certificates. Returns the service and the admin address.
+fn admin_tls_service(idp: &Idp, pki: &Pki, client_ca: bool) -> (Service, std::net::SocketAddr) {
+    let token_file = pki.path("admin-token");
+    std::fs::write(&token_file, format!("{ADMIN_SECRET}\n")).unwrap();
+    let (token_file, cert, key, ca) = (
+        token_file.to_str().unwrap().to_owned(),
+        pki.arg("server.pem"),
+        pki.arg("server.key"),
+        pki.arg("ca.pem"),
+    );
+    let mut extra = vec![
+        "--admin-grpc-listen",
+        "127.0.0.1:0",
+        "--admin-token-file",
+        &token_file,
+        "--admin-grpc-tls-cert",
+        &cert,
+        "--admin-grpc-tls-key",
+        &key,
+    ];
+    if client_ca {
+        extra.extend(["--admin-grpc-tls-client-ca", &ca]);
+    }
+    let service = Service::start(&idp.url(), "jwt", &extra);
+    let admin = service.admin_grpc().expect("admin gRPC listening");
+    (service, admin)
+}
+
+/// `EvictToken` over TLS trusting the test CA, presenting the client certificate when asked;
+/// `tls: false` tries plaintext. Any failure, from connecting to the answer, is an `Err`.
+async fn evict_with(
+    admin: std::net::SocketAddr,
+    pki: &Pki,
+    tls: bool,
+    identity: bool,
+    token: &str,
+) -> Result<EvictTokenResponse, String> {
+    let scheme = if tls { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://127.0.0.1:{}", admin.port()))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(5));
+    if tls {
+        let mut config = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(pki.read("ca.pem")))
+            .domain_name("localhost");
+        if identity {
+            config = config.identity(Identity::from_pem(
+                pki.read("client.pem"),
+                pki.read("client.key"),
+            ));
+        }
+        endpoint = endpoint.tls_config(config).map_err(|e| e.to_string())?;
+    }
+    let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+    let mut request = tonic::Request::new(EvictTokenRequest {
+        token: token.to_owned(),
+    });
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {ADMIN_SECRET}").parse().unwrap(),
+    );
+    AdminClient::new(channel)
+        .evict_token(request)
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(|status| status.to_string())
+}
+
+#[tokio::test]
+async fn admin_grpc_speaks_tls_and_refuses_plaintext() {
+    let pki = Pki::new();
+    let idp = jwt_idp().await;
+    let (service, admin) = admin_tls_service(&idp, &pki, false);
+    let mut client = service.client().await;
+    assert_eq!(
+        check(&mut client, bearer_request("tok")).await.http_status,
+        200
+    );
+    check(&mut client, bearer_request("tok")).await;
+    assert_eq!(idp.calls(), 1, "the second Check is served from memory");
+
+    // Plaintext gets no eviction, and the token stays cached.
+    let plaintext = evict_with(admin, &pki, false, false, "tok").await;
+    assert!(plaintext.is_err(), "a plaintext client was answered");
+    check(&mut client, bearer_request("tok")).await;
+    assert_eq!(idp.calls(), 1);
+
+    // Over TLS, trusting the CA, the eviction goes through: the next Check introspects.
+    evict_with(admin, &pki, true, false, "tok").await.unwrap();
+    assert_eq!(
+        check(&mut client, bearer_request("tok")).await.http_status,
+        200
+    );
+    assert_eq!(idp.calls(), 2, "the eviction over TLS did not take");
+}
+
+#[tokio::test]
+async fn admin_grpc_with_a_client_ca_requires_client_certificates() {
+    let pki = Pki::new();
+    let idp = jwt_idp().await;
+    let (service, admin) = admin_tls_service(&idp, &pki, true);
+    let mut client = service.client().await;
+    check(&mut client, bearer_request("tok")).await;
+    assert_eq!(idp.calls(), 1);
+
+    let without = evict_with(admin, &pki, true, false, "tok").await;
+    assert!(
+        without.is_err(),
+        "a client without a certificate was answered"
+    );
+    let plaintext = evict_with(admin, &pki, false, false, "tok").await;
+    assert!(plaintext.is_err(), "a plaintext client was answered");
+    check(&mut client, bearer_request("tok")).await;
+    assert_eq!(idp.calls(), 1, "a refused client evicted the token");
+
+    evict_with(admin, &pki, true, true, "tok").await.unwrap();
+    check(&mut client, bearer_request("tok")).await;
+    assert_eq!(
+        idp.calls(),
+        2,
+        "the eviction with a certificate did not take"
+    );
+}
+
 #[test]
 fn tls_flags_are_checked() {
     let run = |args: &[&str]| {
@@ -243,6 +373,55 @@ fn tls_flags_are_checked() {
         .contains("--grpc-tls-cert")
     );
     assert!(run(&["--idp-ca-file", "/missing-ca.pem"]).contains("--idp-ca-file"));
+
+    // The admin listener's TLS flags, likewise; check-config reads their files too.
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("admin-token");
+    std::fs::write(&token_file, ADMIN_SECRET).unwrap();
+    let admin = [
+        "--admin-grpc-listen",
+        "127.0.0.1:0",
+        "--admin-token-file",
+        token_file.to_str().unwrap(),
+    ];
+    let with_admin = |tls: &[&str]| run(&[&admin[..], tls].concat());
+    assert!(with_admin(&["--admin-grpc-tls-cert", "/x.pem"]).contains("--admin-grpc-tls-key"));
+    assert!(
+        with_admin(&["--admin-grpc-tls-client-ca", "/ca.pem"])
+            .contains("--admin-grpc-tls-client-ca")
+    );
+    let stderr = run(&[
+        "--admin-grpc-tls-cert",
+        "/x.pem",
+        "--admin-grpc-tls-key",
+        "/x.key",
+    ]);
+    assert!(stderr.contains("--admin-grpc-listen"), "{stderr}");
+    let missing = [
+        "--admin-grpc-tls-cert",
+        "/missing.pem",
+        "--admin-grpc-tls-key",
+        "/missing.key",
+    ];
+    assert!(with_admin(&missing).contains("--admin-grpc-tls-cert"));
+    let check_config = Command::new(env!("CARGO_BIN_EXE_phantom-authz"))
+        .args([
+            "check-config",
+            "--introspection-url",
+            "https://idp.example/introspect",
+            "--client-id",
+            "gw",
+            "--client-secret",
+            "hunter2-secret",
+        ])
+        .args(admin)
+        .args(missing)
+        .env_clear()
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&check_config.stderr);
+    assert_eq!(check_config.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--admin-grpc-tls-cert"), "{stderr}");
 }
 
 /// A `redis-server` that only speaks TLS, on a free port.

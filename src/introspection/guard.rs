@@ -100,9 +100,18 @@ impl<I: Introspect> Guarded<I> {
 
     fn open(&self) -> State {
         State::Open {
-            until: Instant::now() + self.config.open_for,
+            until: saturating_after(Instant::now(), self.config.open_for),
         }
     }
+}
+
+/// `now + duration`, or a far but representable instant when that overflows the clock (an
+/// absurd `--circuit-open-duration` such as `18446744073709551615s` then means "open for good").
+fn saturating_after(now: Instant, duration: Duration) -> Instant {
+    const FAR: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+    now.checked_add(duration)
+        .or_else(|| now.checked_add(FAR))
+        .unwrap_or(now)
 }
 
 /// Returns the half-open probe slot if the probing call is cancelled before it finishes.
@@ -250,6 +259,33 @@ mod tests {
         let results = [a, b, c];
         assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 2);
         assert!(results.contains(&Err(IdpError::Overloaded)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_absurd_open_duration_saturates_instead_of_panicking() {
+        let guard = Guarded::new(
+            Flaky {
+                calls: AtomicUsize::new(0),
+                failing: true.into(),
+                delay: Duration::ZERO,
+            },
+            GuardConfig {
+                max_concurrent: 10,
+                failure_threshold: 1,
+                // What `--circuit-open-duration 18446744073709551615s` parses to.
+                open_for: Duration::from_secs(u64::MAX),
+            },
+        );
+        let header = "Bearer t".to_string();
+        let token = parse_bearer(&header, 10).unwrap();
+        assert_eq!(guard.introspect(token).await, Err(IdpError::Status(500)));
+        assert_eq!(guard.introspect(token).await, Err(IdpError::CircuitOpen));
+        tokio::time::advance(Duration::from_secs(10 * 365 * 24 * 3600)).await;
+        assert_eq!(guard.introspect(token).await, Err(IdpError::CircuitOpen));
+        assert_eq!(guard.inner.calls.load(Ordering::SeqCst), 1);
+
+        let now = Instant::now();
+        assert!(saturating_after(now, Duration::MAX) > now);
     }
 
     #[test]
