@@ -292,6 +292,16 @@ impl Authorizer {
     }
 }
 
+impl crate::cache::evictions::Forget for Authorizer {
+    fn forget(&self, key: &CacheKey) {
+        self.forget_locally(key);
+    }
+
+    fn forget_all(&self) {
+        self.forget_all_locally();
+    }
+}
+
 /// Removes a flight from the map when its task ends, however it ends (a panic included, so
 /// that the next Check starts afresh), unless an eviction already replaced it with a newer one.
 struct Landing {

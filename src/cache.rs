@@ -1,6 +1,8 @@
 //! The cache tiers holding token→JWT entries: [`local`] in process, [`redis`] shared between
-//! replicas behind the [`SharedCache`] trait. Only allowed outcomes are ever cached.
+//! replicas behind the [`SharedCache`] trait, and [`evictions`], how replicas tell each other to
+//! drop an entry. Allows are cached in both tiers, inactive tokens briefly in process only.
 
+pub mod evictions;
 pub mod local;
 pub mod redis;
 

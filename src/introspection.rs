@@ -114,6 +114,21 @@ impl IdpError {
     }
 }
 
+/// Why the introspection client could not be built; names the flag, never a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("--introspection-url: {0}")]
+    Url(url::ParseError),
+    #[error("--idp-ca-file: no usable PEM certificate")]
+    Ca,
+    #[error("--idp-proxy: not a usable proxy URL")]
+    Proxy,
+    #[error("--client-id: cannot form a Basic credential")]
+    Credentials,
+    #[error("introspection client: cannot be built (TLS back end unavailable)")]
+    Client,
+}
+
 /// Introspection over HTTP(S) with pooled, reused connections and no redirects.
 pub struct HttpIntrospector {
     client: reqwest::Client,
@@ -134,23 +149,21 @@ impl HttpIntrospector {
         client_secret: &Secret,
         mode: IntrospectionMode,
         timeout: Duration,
-    ) -> Result<Self, String> {
-        let url = reqwest::Url::parse(url).map_err(|e| format!("--introspection-url: {e}"))?;
+    ) -> Result<Self, SetupError> {
+        let url = reqwest::Url::parse(url).map_err(SetupError::Url)?;
         let mut builder = reqwest::Client::builder();
         if let Some(pem) = ca_pem {
-            let roots = reqwest::Certificate::from_pem_bundle(pem)
-                .map_err(|e| format!("--idp-ca-file: {e}"))?;
+            let roots = reqwest::Certificate::from_pem_bundle(pem).map_err(|_| SetupError::Ca)?;
             if roots.is_empty() {
-                return Err("--idp-ca-file: no PEM certificate found".into());
+                return Err(SetupError::Ca);
             }
             builder = builder.tls_certs_only(roots);
         }
         builder = match proxy {
-            // The error is not shown: it could hold the URL, and the URL a password.
-            Some(proxy) => builder.proxy(
-                reqwest::Proxy::all(proxy.expose())
-                    .map_err(|_| "--idp-proxy: not a usable proxy URL".to_string())?,
-            ),
+            // The error is not kept: it could hold the URL, and the URL a password.
+            Some(proxy) => {
+                builder.proxy(reqwest::Proxy::all(proxy.expose()).map_err(|_| SetupError::Proxy)?)
+            }
             // HTTP(S)_PROXY and ALL_PROXY were not set for this service: the client secret and
             // tokens must not follow them.
             None => builder.no_proxy(),
@@ -163,7 +176,7 @@ impl HttpIntrospector {
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(60))
             .build()
-            .map_err(|e| format!("introspection client: {e}"))?;
+            .map_err(|_| SetupError::Client)?;
         Ok(Self {
             client,
             url,
@@ -251,13 +264,13 @@ async fn read_capped(mut response: reqwest::Response) -> Result<Vec<u8>, IdpErro
 
 /// `Authorization: Basic base64(form(id):form(secret))` (RFC 6749 §2.3.1), marked sensitive so
 /// the HTTP stack never prints it.
-fn basic_auth(client_id: &str, client_secret: &Secret) -> Result<HeaderValue, String> {
+fn basic_auth(client_id: &str, client_secret: &Secret) -> Result<HeaderValue, SetupError> {
     let mut credentials = String::new();
     form_encode_into(client_id, &mut credentials);
     credentials.push(':');
     form_encode_into(client_secret.expose(), &mut credentials);
     let mut value = HeaderValue::from_str(&format!("Basic {}", STANDARD.encode(credentials)))
-        .map_err(|_| "--client-id: cannot form a Basic credential".to_string())?;
+        .map_err(|_| SetupError::Credentials)?;
     value.set_sensitive(true);
     Ok(value)
 }

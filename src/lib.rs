@@ -11,11 +11,14 @@
 //! - [`decision`]: the one place where outcomes become HTTP statuses, gRPC codes and headers. Pure.
 //! - [`jwt`]: the compact JWT shape and `exp` that every forwarded JWT is checked for. Pure.
 //!
-//! Around them: [`config`] turns flags and environment into plain validated types,
-//! [`metrics`] names every metric the service records, [`telemetry`] exports OpenTelemetry
-//! spans of each Check when `--otlp-endpoint` is given, and [`revocation`] serves the admin gRPC
-//! API that evicts a revoked token from every replica's caches, through Redis pub/sub.
+//! Around them: [`app`] is the composition root that builds all of it from a validated
+//! [`config`] and runs the listeners; [`admin`] serves the operators' gRPC API (token eviction),
+//! whose notices travel between replicas as [`cache::evictions`]; [`metrics`] names every metric
+//! the service records; [`telemetry`] exports OpenTelemetry spans of each Check when
+//! `--otlp-endpoint` is given; [`reflection`] describes the gRPC APIs to tools like `grpcurl`.
 
+pub mod admin;
+pub mod app;
 pub mod authorizer;
 pub mod cache;
 pub mod config;
@@ -23,7 +26,7 @@ pub mod decision;
 pub mod introspection;
 pub mod jwt;
 pub mod metrics;
-pub mod revocation;
+pub mod reflection;
 pub mod server;
 pub mod telemetry;
 pub mod token;

@@ -28,6 +28,7 @@ use crate::authorizer::Authorizer;
 use crate::config::GrpcLimits;
 use crate::decision::{Outcome, Responder};
 use crate::metrics;
+use crate::reflection;
 use crate::telemetry;
 use crate::token;
 
@@ -126,7 +127,10 @@ pub async fn serve_grpc(
     }
     builder
         .add_service(health_service)
-        .add_optional_service(reflection(&[EXT_AUTHZ_DESCRIPTORS, HEALTH_DESCRIPTORS]))
+        .add_optional_service(reflection::service(&[
+            EXT_AUTHZ_DESCRIPTORS,
+            HEALTH_DESCRIPTORS,
+        ]))
         .add_service(
             AuthorizationServer::new(service).max_decoding_message_size(limits.max_request_bytes),
         )
@@ -140,35 +144,23 @@ const EXT_AUTHZ_DESCRIPTORS: &[u8] =
 
 const HEALTH_DESCRIPTORS: &[u8] = tonic_health::pb::FILE_DESCRIPTOR_SET;
 
-/// gRPC server reflection (v1) for the given encoded descriptor sets (empty ones are skipped),
-/// so `grpcurl` needs no proto files.
-pub fn reflection(
-    descriptor_sets: &[&'static [u8]],
-) -> Option<
-    tonic_reflection::server::v1::ServerReflectionServer<
-        impl tonic_reflection::server::v1::ServerReflection,
-    >,
-> {
-    descriptor_sets
-        .iter()
-        .filter(|set| !set.is_empty())
-        .fold(
-            tonic_reflection::server::Builder::configure(),
-            |builder, set| builder.register_encoded_file_descriptor_set(set),
-        )
-        .build_v1()
-        .inspect_err(|error| tracing::error!(%error, "gRPC reflection unavailable"))
-        .ok()
-}
+/// Whether a dependency answers now.
+pub type Health = Arc<dyn Fn() -> bool + Send + Sync>;
 
 /// What `/readyz` reports.
 #[derive(Clone)]
 pub struct Readiness {
     /// False once shutdown began.
-    pub serving: Arc<AtomicBool>,
+    serving: Arc<AtomicBool>,
     /// The Redis tier's health, when there is one. A failing Redis degrades, never unreadies:
     /// Checks still work through introspection.
-    pub redis: Option<Arc<crate::cache::redis::RedisHealth>>,
+    redis: Option<Health>,
+}
+
+impl Readiness {
+    pub fn new(serving: Arc<AtomicBool>, redis: Option<Health>) -> Self {
+        Self { serving, redis }
+    }
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown` resolves, each connection bound
@@ -254,7 +246,7 @@ fn ready(readiness: &Readiness) -> impl IntoResponse + use<> {
     let serving = readiness.serving.load(Ordering::Relaxed);
     let redis = match &readiness.redis {
         None => "disabled",
-        Some(health) if health.is_up() => "up",
+        Some(is_up) if is_up() => "up",
         Some(_) => "degraded",
     };
     let status = if serving {

@@ -324,7 +324,7 @@ fn run_binary(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
 }
 
 #[test]
-fn bad_configuration_exits_non_zero_naming_the_flag() {
+fn bad_configuration_exits_2_naming_the_flag() {
     let base = [
         "--introspection-url",
         "https://idp.example/introspect",
@@ -409,7 +409,7 @@ fn bad_configuration_exits_non_zero_naming_the_flag() {
     ];
     for (args, flag) in cases {
         let (code, stderr) = run_binary(args, &[]);
-        assert_ne!(code, 0, "{args:?}");
+        assert_eq!(code, 2, "{args:?}: {stderr}");
         assert!(stderr.contains(flag), "{args:?}: {stderr}");
         assert!(
             !stderr.contains("hunter2"),
@@ -582,38 +582,51 @@ fn check_config_validates_and_prints_with_secrets_masked() {
 
 #[test]
 fn check_config_masks_a_redis_password_holding_url_delimiters() {
-    // `#`, `/` and `?` inside the password end a URL's authority for a naive parser, which
-    // then finds no `@` before them and prints the URL as it is.
-    let redis_url = "redis://:pa#ss/wo?rd@cache:6379/0";
     let cache_secret = cache_secret_file(&[CACHE_SECRET]);
-    let args = [
-        "check-config",
-        "--cache-secret-file",
-        cache_secret.to_str().unwrap(),
-        "--introspection-url",
-        "https://idp.example/introspect",
-        "--client-id",
-        "gw",
-        "--client-secret",
-        "hunter2-secret",
-        "--redis-url",
-        redis_url,
-    ];
-    let output = Command::new(env!("CARGO_BIN_EXE_phantom-authz"))
-        .args(args)
-        .env_clear()
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stdout}{stderr}");
-    assert!(stdout.contains("redis://***@cache:6379/0"), "{stdout}");
+    let check_config = |redis_url: &str| {
+        let output = Command::new(env!("CARGO_BIN_EXE_phantom-authz"))
+            .args([
+                "check-config",
+                "--cache-secret-file",
+                cache_secret.to_str().unwrap(),
+                "--introspection-url",
+                "https://idp.example/introspect",
+                "--client-id",
+                "gw",
+                "--client-secret",
+                "hunter2-secret",
+                "--redis-url",
+                redis_url,
+            ])
+            .env_clear()
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    // `#`, `/` and `?` inside the password end a URL's authority for a naive parser, which
+    // then finds no `@` before them and prints the URL as it is. Written raw, the URL is not
+    // one the Redis client accepts: the check fails, naming the flag and nothing of the value.
+    let (code, stdout, stderr) = check_config("redis://:pa#ss/wo?rd@cache:6379/0");
+    assert_eq!(code, Some(2), "{stdout}{stderr}");
+    assert!(stderr.contains("--redis-url"), "{stderr}");
     for fragment in ["pa#ss", "wo?rd", "pa#", "ss/wo", "?rd", "hunter2"] {
         assert!(
             !stdout.contains(fragment) && !stderr.contains(fragment),
             "{fragment:?} printed:\n{stdout}{stderr}"
         );
     }
+    // Percent-encoded, it is valid, and printed masked.
+    let (code, stdout, stderr) = check_config("redis://:pa%23ss%2Fwo%3Frd@cache:6379/0");
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("redis://***@cache:6379/0"), "{stdout}");
+    assert!(
+        !stdout.contains("pa%23ss") && !stdout.contains("wo%3Frd"),
+        "{stdout}"
+    );
 }
 
 #[tokio::test]

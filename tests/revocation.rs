@@ -421,7 +421,7 @@ fn run_binary(args: &[&str]) -> (i32, String) {
 }
 
 #[test]
-fn bad_admin_flags_exit_non_zero_naming_the_flag() {
+fn bad_admin_flags_exit_2_naming_the_flag() {
     let (_dir, good) = secret_file(ADMIN_SECRET);
     let (_short_dir, short) = secret_file("hunter2-short");
     let good = good.to_str().unwrap();
@@ -488,7 +488,7 @@ fn bad_admin_flags_exit_non_zero_naming_the_flag() {
         };
         let args = [&base[..], listen, extra].concat();
         let (code, stderr) = run_binary(&args);
-        assert_ne!(code, 0, "{extra:?}");
+        assert_eq!(code, 2, "{extra:?}: {stderr}");
         assert!(stderr.contains(flag), "{extra:?}: {stderr}");
         assert!(!stderr.contains("hunter2"), "{extra:?} echoed the secret");
         assert!(!stderr.contains("panicked"), "{extra:?}: {stderr}");

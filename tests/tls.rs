@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
-use phantom_authz::revocation::proto::admin_client::AdminClient;
-use phantom_authz::revocation::proto::{EvictTokenRequest, EvictTokenResponse};
+use phantom_authz::admin::proto::admin_client::AdminClient;
+use phantom_authz::admin::proto::{EvictTokenRequest, EvictTokenResponse};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
 };

@@ -11,14 +11,11 @@
 //! Every command is bounded by a timeout; the connection reconnects by itself.
 //!
 //! An eviction overwrites the token's keys with a short-lived [`TOMBSTONE`] (which writes never
-//! overwrite, so a lookup that began before the eviction cannot resurrect the entry), then
-//! publishes the token's digest and an eviction id on [`EVICTION_CHANNEL`]. Every replica drops
-//! its in-process copy and confirms on [`CONFIRM_CHANNEL`]; the eviction waits for those
-//! confirmations (see [`crate::revocation`] for the subscriber).
+//! overwrite, so a lookup that began before the eviction cannot resurrect the entry), then tells
+//! every replica and waits for their confirmations ([`super::evictions`]).
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
@@ -27,29 +24,19 @@ use hkdf::Hkdf;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Client, IntoConnectionInfo};
 use sha2::Sha256;
-use tokio::sync::watch;
 
+use super::evictions::{self, Confirmations};
 use super::{Authorization, CacheError, CachedJwt, Eviction, SharedCache, now_ms};
 use crate::config::Secret;
 use crate::metrics;
 use crate::token::{CacheKey, Token};
 use crate::{BoxFuture, jwt};
 
-/// The pub/sub channel on which evictions travel: `<token digest hex> <eviction id hex>`, never
-/// a token.
-pub const EVICTION_CHANNEL: &str = "phantom-authz:v2:evict";
-
-/// The channel on which replicas confirm an eviction: `<eviction id hex>`.
-pub const CONFIRM_CHANNEL: &str = "phantom-authz:v2:evicted";
-
 /// Prefix of every key; a new key or value format gets a new version.
 pub const KEY_PREFIX: &str = "phantom-authz:v2:";
 
 /// What an evicted token's keys hold until every lookup that could predate the eviction is over.
 pub const TOMBSTONE: &[u8] = b"evicted";
-
-/// How long an eviction waits for replicas to confirm they dropped their copies.
-const CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Shortest secret accepted: 256 bits.
 pub const MIN_SECRET_LEN: usize = 32;
@@ -226,8 +213,8 @@ pub struct RedisCache {
     /// How long a tombstone outlives the eviction: past the longest lookup that could predate it.
     tombstone_ttl: Duration,
     healthy: Arc<RedisHealth>,
-    /// Evictions of this replica waiting for confirmations, by id: how many came in.
-    pending: Arc<Mutex<HashMap<u64, watch::Sender<u64>>>>,
+    /// This replica's evictions waiting for confirmations.
+    confirmations: Arc<Confirmations>,
 }
 
 /// Whether Redis answers, and when to try it again while it does not.
@@ -339,7 +326,7 @@ impl RedisCache {
             timeout,
             tombstone_ttl,
             healthy: Arc::new(RedisHealth::default()),
-            pending: Arc::default(),
+            confirmations: Arc::default(),
         })
     }
 
@@ -360,52 +347,14 @@ impl RedisCache {
             "confirm",
             self.timeout,
             &self.healthy,
-            connection.publish::<_, _, ()>(CONFIRM_CHANNEL, id),
+            connection.publish::<_, _, ()>(evictions::CONFIRM_CHANNEL, id),
         )
         .await
     }
 
-    /// Counts a confirmation of one of this replica's evictions; others' are ignored.
-    pub fn confirmed(&self, id: &[u8]) {
-        let Some(id) = parse_id(id) else { return };
-        if let Some(count) = self
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&id)
-        {
-            count.send_modify(|n| *n += 1);
-        }
-    }
-}
-
-/// Reads an eviction notice: the token's digest and the eviction's id.
-pub fn parse_notice(payload: &[u8]) -> Option<(CacheKey, &str)> {
-    let text = std::str::from_utf8(payload).ok()?;
-    let (key, id) = text.split_once(' ')?;
-    parse_id(id.as_bytes())?;
-    Some((CacheKey::from_hex(key.as_bytes())?, id))
-}
-
-fn parse_id(id: &[u8]) -> Option<u64> {
-    if id.len() != 16 {
-        return None;
-    }
-    u64::from_str_radix(std::str::from_utf8(id).ok()?, 16).ok()
-}
-
-/// Forgets a pending eviction when its wait ends, however it ends.
-struct Pending {
-    pending: Arc<Mutex<HashMap<u64, watch::Sender<u64>>>>,
-    id: u64,
-}
-
-impl Drop for Pending {
-    fn drop(&mut self) {
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.id);
+    /// This replica's evictions waiting for confirmations.
+    pub fn confirmations(&self) -> &Confirmations {
+        &self.confirmations
     }
 }
 
@@ -522,17 +471,9 @@ impl SharedCache for RedisCache {
         let timeout = self.timeout;
         let healthy = self.healthy.clone();
         let tombstone_ms = u64::try_from(self.tombstone_ttl.as_millis()).unwrap_or(u64::MAX);
-        let pending = self.pending.clone();
-        let digest = key.to_hex();
+        let awaited = self.confirmations.expect();
+        let notice = evictions::notice(key, awaited.id);
         Box::pin(async move {
-            let id = random_id();
-            let (count, mut confirmations) = watch::channel(0u64);
-            pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(id, count);
-            let _pending = Pending { pending, id };
-
             // Tombstones first: a replica told of the eviction must find them in place.
             let mut tombstones = redis::pipe();
             for slot in &slots {
@@ -554,34 +495,21 @@ impl SharedCache for RedisCache {
             let deleted = previous
                 .iter()
                 .any(|value| value.as_deref().is_some_and(|v| v != TOMBSTONE));
-            let notice = format!("{digest} {id:016x}");
             let notified: u64 = timed(
                 "evict",
                 timeout,
                 &healthy,
-                connection.publish(EVICTION_CHANNEL, notice),
+                connection.publish(evictions::EVICTION_CHANNEL, notice),
             )
             .await?;
-            let _ = tokio::time::timeout(
-                CONFIRM_TIMEOUT,
-                confirmations.wait_for(|confirmed| *confirmed >= notified),
-            )
-            .await;
-            let confirmed = *confirmations.borrow();
+            let confirmed = awaited.confirmed_by(notified).await;
             Ok(Eviction {
                 deleted,
                 notified,
-                confirmed: confirmed.min(notified),
+                confirmed,
             })
         })
     }
-}
-
-fn random_id() -> u64 {
-    let mut bytes = [0u8; 8];
-    // Ids only tell this replica's evictions apart; a clock-derived one serves if randomness
-    // fails.
-    getrandom::fill(&mut bytes).map_or_else(|_| now_ms(), |()| u64::from_ne_bytes(bytes))
 }
 
 #[cfg(test)]
@@ -674,19 +602,5 @@ mod tests {
         assert_eq!(err, SecretFileError::TooShort { line: 2, len: 12 });
         assert!(!err.to_string().contains("short-secret"), "{err}");
         assert!(CacheSecrets::parse(" \n\n").is_err());
-    }
-
-    #[test]
-    fn notices_carry_a_digest_and_an_id() {
-        let key = CacheKey::of(parse_token("t", 10).unwrap());
-        let notice = format!("{} {:016x}", key.to_hex(), 42u64);
-        assert_eq!(
-            parse_notice(notice.as_bytes()),
-            Some((key, "000000000000002a"))
-        );
-        assert_eq!(parse_notice(key.to_hex().as_bytes()), None);
-        assert_eq!(parse_notice(b"zz 000000000000002a"), None);
-        assert_eq!(parse_id(b"000000000000002a"), Some(42));
-        assert_eq!(parse_id(b"2a"), None);
     }
 }

@@ -24,9 +24,9 @@ use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, 
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, CheckResponse};
-use phantom_authz::cache::redis::EVICTION_CHANNEL;
-use phantom_authz::revocation::proto::admin_client::AdminClient;
-use phantom_authz::revocation::proto::{EvictTokenRequest, EvictTokenResponse};
+use phantom_authz::admin::proto::admin_client::AdminClient;
+use phantom_authz::admin::proto::{EvictTokenRequest, EvictTokenResponse};
+use phantom_authz::cache::evictions::EVICTION_CHANNEL;
 use tonic::transport::Channel;
 
 pub const CLIENT_ID: &str = "gateway-client";

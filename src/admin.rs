@@ -1,17 +1,11 @@
-//! Revocation: the `phantom_authz.admin.v1.Admin` gRPC API that evicts a token from every cache
-//! tier, the bearer-secret guard in front of it, and the Redis pub/sub subscriber through which
-//! every replica drops its in-process copy of an evicted token.
-//!
-//! An eviction deletes the token's Redis entry and publishes its digest (never the token) on
-//! [`EVICTION_CHANNEL`]; each subscribed replica, the evicting one included, drops its local
-//! entry. A replica that was not subscribed when a notice went out cannot know what it missed,
-//! so it drops its whole in-process tier each time it (re)subscribes.
+//! The operators' gRPC API, `phantom_authz.admin.v1.Admin`: `EvictToken` drops a token from
+//! every cache tier of every replica (see [`crate::cache::evictions`] for how replicas hear of
+//! it), behind a bearer-secret guard compared in constant time.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt as _;
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tonic::service::Interceptor;
@@ -19,11 +13,9 @@ use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 use crate::authorizer::Authorizer;
-use crate::cache::redis::{
-    CONFIRM_CHANNEL, EVICTION_CHANNEL, KindName as _, RedisCache, parse_notice,
-};
 use crate::config::Secret;
 use crate::metrics::{self, EvictionSource};
+use crate::reflection;
 use crate::token::{self, CacheKey};
 
 /// Code generated from `proto/phantom_authz/admin/v1/admin.proto`.
@@ -202,146 +194,9 @@ pub async fn serve(
     builder
         .timeout(ADMIN_CALL_TIMEOUT)
         .add_service(AdminServer::with_interceptor(service, guard))
-        .add_optional_service(crate::server::reflection(&[ADMIN_DESCRIPTORS]))
+        .add_optional_service(reflection::service(&[ADMIN_DESCRIPTORS]))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
-}
-
-// ---------------------------------------------------------------------------------------------
-// The subscriber
-
-/// Bound on connecting and subscribing, and on each keep-alive ping.
-const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(2);
-/// How often a quiet subscription is checked with a ping: a connection that died without a
-/// word (a partition, a failover) is noticed within this plus [`SUBSCRIBE_TIMEOUT`].
-const PING_EVERY: Duration = Duration::from_secs(5);
-
-/// Listens for evictions on Redis until `shutdown` resolves, dropping each evicted token's
-/// in-process entry and confirming it to the evicting replica, and passing on confirmations of
-/// this replica's own evictions. Reconnects and resubscribes by itself, waiting a bounded,
-/// jittered, growing delay between attempts; never gives up and never fails the service.
-pub async fn subscribe(
-    redis: Arc<RedisCache>,
-    authorizer: Arc<Authorizer>,
-    shutdown: impl Future<Output = ()>,
-) {
-    let client = redis.client();
-    let mut shutdown = std::pin::pin!(shutdown);
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-    loop {
-        tokio::select! {
-            () = &mut shutdown => return,
-            reason = listen(&client, &redis, &authorizer, &mut backoff) => {
-                tracing::warn!(%reason, "eviction subscription lost; resubscribing");
-            }
-        }
-        let delay = backoff.next_delay(random_u32());
-        tokio::select! {
-            () = &mut shutdown => return,
-            () = tokio::time::sleep(delay) => {}
-        }
-    }
-}
-
-/// One subscription, from connecting until it breaks; returns why it broke.
-async fn listen(
-    client: &redis::Client,
-    redis: &Arc<RedisCache>,
-    authorizer: &Authorizer,
-    backoff: &mut Backoff,
-) -> String {
-    let connect = async {
-        let mut pubsub = client.get_async_pubsub().await?;
-        pubsub
-            .subscribe(&[EVICTION_CHANNEL, CONFIRM_CHANNEL])
-            .await?;
-        redis::RedisResult::Ok(pubsub)
-    };
-    let pubsub = match tokio::time::timeout(SUBSCRIBE_TIMEOUT, connect).await {
-        Ok(Ok(pubsub)) => pubsub,
-        Ok(Err(error)) => return error.kind_name(),
-        Err(_) => return "subscribing timed out".into(),
-    };
-    // Notices sent while this replica was not listening are lost: trust nothing held.
-    authorizer.forget_all_locally();
-    backoff.reset();
-    tracing::info!(channel = EVICTION_CHANNEL, "listening for evictions");
-
-    let (mut sink, mut messages) = pubsub.split();
-    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
-    loop {
-        tokio::select! {
-            message = messages.next() => {
-                let Some(message) = message else {
-                    return "connection closed".into();
-                };
-                if message.get_channel_name() == CONFIRM_CHANNEL {
-                    redis.confirmed(message.get_payload_bytes());
-                    continue;
-                }
-                match parse_notice(message.get_payload_bytes()) {
-                    Some((key, id)) => {
-                        authorizer.forget_locally(&key);
-                        metrics::eviction(EvictionSource::Pubsub);
-                        tracing::debug!(key = ?key, "evicted on notice");
-                        // Confirmed off the read loop, which must keep draining messages.
-                        let (redis, id) = (redis.clone(), id.to_owned());
-                        tokio::spawn(async move {
-                            if let Err(error) = redis.confirm(&id).await {
-                                tracing::debug!(%error, "eviction confirmation failed");
-                            }
-                        });
-                    }
-                    None => tracing::warn!("ignoring a malformed eviction notice"),
-                }
-            }
-            _ = ping.tick() => {
-                match tokio::time::timeout(SUBSCRIBE_TIMEOUT, sink.ping::<redis::Value>()).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(error)) => return error.kind_name(),
-                    Err(_) => return "ping timed out".into(),
-                }
-            }
-        }
-    }
-}
-
-/// Delays between reconnection attempts: doubling from `min` up to `max`, each one drawn
-/// between half and all of its nominal value so that replicas do not reconnect in step.
-#[derive(Debug)]
-pub struct Backoff {
-    min: Duration,
-    max: Duration,
-    nominal: Duration,
-}
-
-impl Backoff {
-    pub fn new(min: Duration, max: Duration) -> Self {
-        Self {
-            min,
-            max,
-            nominal: min,
-        }
-    }
-
-    /// The next delay; `random` picks where it falls in its jitter range.
-    pub fn next_delay(&mut self, random: u32) -> Duration {
-        let nominal = self.nominal;
-        self.nominal = (nominal * 2).min(self.max);
-        let fraction = 0.5 + 0.5 * f64::from(random) / f64::from(u32::MAX);
-        nominal.mul_f64(fraction)
-    }
-
-    /// Back to the shortest delay, after a success.
-    pub fn reset(&mut self) {
-        self.nominal = self.min;
-    }
-}
-
-fn random_u32() -> u32 {
-    let mut bytes = [0u8; 4];
-    // Jitter only: without randomness, the largest delay of the range is as good.
-    getrandom::fill(&mut bytes).map_or(u32::MAX, |()| u32::from_ne_bytes(bytes))
 }
 
 #[cfg(test)]
@@ -390,24 +245,5 @@ mod tests {
         b = a;
         b[0] ^= 0x80;
         assert!(!constant_time_eq(&a, &b));
-    }
-
-    #[test]
-    fn backoff_doubles_up_to_its_bound_with_jitter_and_resets() {
-        let (min, max) = (Duration::from_millis(100), Duration::from_secs(5));
-        let mut backoff = Backoff::new(min, max);
-        let top: Vec<_> = (0..10).map(|_| backoff.next_delay(u32::MAX)).collect();
-        assert_eq!(top[0], min);
-        assert_eq!(top[1], Duration::from_millis(200));
-        assert_eq!(top[5], Duration::from_millis(3_200));
-        assert!(top[6..].iter().all(|&d| d == max), "{top:?}");
-        // The bottom of the jitter range is half the nominal delay.
-        backoff.reset();
-        assert_eq!(backoff.next_delay(0), min / 2);
-        assert_eq!(backoff.next_delay(0), min);
-        for random in [0, 1, u32::MAX / 2, u32::MAX] {
-            let delay = Backoff::new(min, max).next_delay(random);
-            assert!(delay >= min / 2 && delay <= min, "{delay:?}");
-        }
     }
 }
