@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
-pub use crate::introspection::guard::GuardConfig;
 
 /// Command-line flags. Every flag is also read from `PHANTOM_AUTHZ_<FLAG>` and, with
 /// `--config`, from a TOML file; flags win over the environment, which wins over the file.
@@ -343,6 +342,17 @@ pub struct IntrospectionConfig {
     pub mode: IntrospectionMode,
     pub timeout: Duration,
     pub guard: GuardConfig,
+}
+
+/// The concurrency cap and circuit breaker in front of the IdP.
+#[derive(Clone, Copy, Debug)]
+pub struct GuardConfig {
+    /// Most introspections under way at once.
+    pub max_concurrent: usize,
+    /// Consecutive IdP failures that open the circuit; 0 never opens it.
+    pub failure_threshold: u32,
+    /// How long an open circuit fails fast before letting a probe through.
+    pub open_for: Duration,
 }
 
 /// Cache TTLs and bounds.

@@ -12,18 +12,8 @@ use tokio::time::Instant;
 use super::{IdpError, Introspect, Introspected};
 use crate::BoxFuture;
 use crate::metrics;
+use crate::config::GuardConfig;
 use crate::token::Token;
-
-/// Breaker settings.
-#[derive(Clone, Copy, Debug)]
-pub struct GuardConfig {
-    /// Most introspections under way at once.
-    pub max_concurrent: usize,
-    /// Consecutive IdP failures that open the circuit; 0 never opens it.
-    pub failure_threshold: u32,
-    /// How long an open circuit fails fast before letting a probe through.
-    pub open_for: Duration,
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
