@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
-
 /// Command-line flags. Every flag is also read from `PHANTOM_AUTHZ_<FLAG>` and, with
 /// `--config`, from a TOML file; flags win over the environment, which wins over the file.
 #[derive(Parser)]

@@ -11,8 +11,8 @@ use tokio::time::Instant;
 
 use super::{IdpError, Introspect, Introspected};
 use crate::BoxFuture;
-use crate::metrics;
 use crate::config::GuardConfig;
+use crate::metrics;
 use crate::token::Token;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,12 +1,10 @@
 //! Running it: health endpoints, metrics, graceful shutdown, secret-free logs and configuration
 //! errors, all against the real binary.
 
-mod common;
-
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -103,9 +101,15 @@ async fn sigterm_drains_in_flight_checks_and_exits_zero() {
     // Let the Checks reach the slow IdP, then ask the service to stop.
     assert!(eventually(Duration::from_secs(5), async || idp.calls() == 20).await);
     service.signal("TERM");
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let (status, body) = service.admin_get("/readyz").await;
-    assert_eq!(status, 503, "{body}");
+    assert!(
+        eventually(Duration::from_secs(5), async || service
+            .admin_get("/readyz")
+            .await
+            .0
+            == 503)
+        .await,
+        "/readyz never reported shutting down"
+    );
     for check in in_flight {
         assert_eq!(
             check.await.unwrap().http_status,
@@ -308,19 +312,6 @@ async fn logs_never_contain_tokens_jwts_or_the_secret() {
     ] {
         assert!(!log.contains(secret), "log leaks {secret:?}:\n{log}");
     }
-}
-
-fn run_binary(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_phantom-authz"));
-    command.args(args).env_clear();
-    for (k, v) in env {
-        command.env(k, v);
-    }
-    let output = command.output().unwrap();
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
 }
 
 #[test]

@@ -1,14 +1,12 @@
 //! Transport security with certificates generated at test time: HTTPS to the IdP through a
 //! private CA, TLS and mTLS on the gRPC listener, and `rediss://` to a TLS `redis-server`.
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::support::*;
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use phantom_authz::admin::proto::admin_client::AdminClient;
 use phantom_authz::admin::proto::{EvictTokenRequest, EvictTokenResponse};

@@ -1,11 +1,9 @@
 //! Every row of the decision table, in both introspection modes, against the real binary and a
 //! scripted identity server over loopback.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 use serde_json::json;
 
 const OVERWRITE_IF_EXISTS_OR_ADD: i32 = 2;

@@ -2,15 +2,12 @@
 //! replica's admin API reaches every replica, the admin secret guards it, the listener is off by
 //! default, the subscriber survives a Redis restart, and bad flags are refused by name.
 
-mod common;
-
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use redis::AsyncCommands;
 use tonic::Code;
@@ -408,18 +405,6 @@ async fn the_subscriber_resubscribes_after_redis_restarts() {
     assert!(!b.log().contains("panicked"));
 }
 
-fn run_binary(args: &[&str]) -> (i32, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_phantom-authz"))
-        .args(args)
-        .env_clear()
-        .output()
-        .unwrap();
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn bad_admin_flags_exit_2_naming_the_flag() {
     let (_dir, good) = secret_file(ADMIN_SECRET);
@@ -487,7 +472,7 @@ fn bad_admin_flags_exit_2_naming_the_flag() {
             &listen[..]
         };
         let args = [&base[..], listen, extra].concat();
-        let (code, stderr) = run_binary(&args);
+        let (code, stderr) = run_binary(&args, &[]);
         assert_eq!(code, 2, "{extra:?}: {stderr}");
         assert!(stderr.contains(flag), "{extra:?}: {stderr}");
         assert!(!stderr.contains("hunter2"), "{extra:?} echoed the secret");

@@ -1,12 +1,10 @@
 //! OpenTelemetry tracing end to end: the real binary exports its spans over OTLP/gRPC to an
 //! in-process collector double on 127.0.0.1:0.
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };

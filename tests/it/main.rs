@@ -1,0 +1,13 @@
+//! phantom-authz's integration tests, one binary: the real service over loopback sockets, a
+//! real `redis-server`, a scripted identity server on port 0. The fixtures are in [`support`];
+//! each other module is one group of behaviour.
+
+mod cache;
+mod decisions;
+mod faults;
+mod operations;
+mod properties;
+mod revocation;
+mod support;
+mod tls;
+mod tracing;

@@ -1,0 +1,32 @@
+//! Real parts for black-box tests: the phantom-authz binary on loopback ([`service`]), a
+//! `redis-server` on a free port ([`redis`]), a scripted identity server on port 0 that answers
+//! like Curity ([`idp`]), and Envoy's side of a Check ([`envoy`]).
+
+mod envoy;
+mod idp;
+mod redis;
+mod service;
+
+pub(crate) use envoy::*;
+pub(crate) use idp::*;
+pub(crate) use redis::*;
+pub(crate) use service::*;
+
+use std::time::{Duration, Instant};
+
+/// Polls `condition` until true or `timeout` passes.
+pub(crate) async fn eventually(
+    timeout: Duration,
+    mut condition: impl AsyncFnMut() -> bool,
+) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
