@@ -1,268 +1,17 @@
-//! Flags and environment, parsed and validated into plain types. No I/O happens here.
+//! The service's configuration: [`args`] parses flags, [`load`] merges the environment and the
+//! `--config` file beneath them, and validation turns them into the plain types below. Secrets
+//! are typed as secrets. No I/O happens here.
+
+pub mod args;
+pub mod load;
+mod validate;
+
+pub use args::{Args, IntrospectionMode, LogFormat, parse_bytes, parse_duration};
 
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-
-use clap::{Parser, ValueEnum};
-
-/// Command-line flags. Every flag is also read from `PHANTOM_AUTHZ_<FLAG>` and, with
-/// `--config`, from a TOML file; flags win over the environment, which wins over the file.
-#[derive(Parser)]
-#[command(
-    name = "phantom-authz",
-    version,
-    args_override_self = true,
-    about = "Envoy ext_authz service for the phantom token pattern: swaps opaque access tokens \
-             for JWTs through OAuth introspection, with a shared Redis cache.",
-    after_help = "`phantom-authz check-config [FLAGS]` validates the configuration, reads every \
-                  file it names, prints the effective settings with secrets masked and exits."
-)]
-pub struct Args {
-    /// TOML file of settings, keyed by flag name without the dashes
-    /// (`introspection-url = "https://…"`, `local-cache-max-entries = 50000`).
-    #[arg(long, env = "PHANTOM_AUTHZ_CONFIG")]
-    pub config: Option<PathBuf>,
-
-    /// Address of the ext_authz gRPC listener (also serves grpc.health.v1).
-    #[arg(
-        long,
-        env = "PHANTOM_AUTHZ_GRPC_LISTEN",
-        default_value = "0.0.0.0:9001"
-    )]
-    pub grpc_listen: SocketAddr,
-
-    /// Address of the admin HTTP listener: /metrics, /healthz, /readyz.
-    #[arg(
-        long,
-        env = "PHANTOM_AUTHZ_ADMIN_LISTEN",
-        default_value = "0.0.0.0:9090"
-    )]
-    pub admin_listen: SocketAddr,
-
-    /// Address of the admin gRPC listener (phantom_authz.admin.v1.Admin: token eviction).
-    /// Off unless given; requires --admin-token-file. Keep it off the data-plane network.
-    #[arg(long, env = "PHANTOM_AUTHZ_ADMIN_GRPC_LISTEN")]
-    pub admin_grpc_listen: Option<SocketAddr>,
-
-    /// File holding the bearer secret every admin gRPC call must present as
-    /// `authorization: Bearer <secret>` (surrounding whitespace is trimmed; 16 bytes or more).
-    #[arg(long, env = "PHANTOM_AUTHZ_ADMIN_TOKEN_FILE")]
-    pub admin_token_file: Option<PathBuf>,
-
-    /// PEM certificate chain for TLS on the admin gRPC listener (with --admin-grpc-tls-key), so
-    /// that the admin secret and the tokens to evict do not travel in plaintext.
-    #[arg(long, env = "PHANTOM_AUTHZ_ADMIN_GRPC_TLS_CERT")]
-    pub admin_grpc_tls_cert: Option<PathBuf>,
-
-    /// PEM private key for TLS on the admin gRPC listener (with --admin-grpc-tls-cert).
-    #[arg(long, env = "PHANTOM_AUTHZ_ADMIN_GRPC_TLS_KEY")]
-    pub admin_grpc_tls_key: Option<PathBuf>,
-
-    /// PEM CA(s) for admin client certificates: when given, every admin gRPC client must
-    /// present a certificate signed by one of them (mTLS), besides the bearer secret.
-    #[arg(long, env = "PHANTOM_AUTHZ_ADMIN_GRPC_TLS_CLIENT_CA")]
-    pub admin_grpc_tls_client_ca: Option<PathBuf>,
-
-    /// The identity server's introspection endpoint (http or https).
-    #[arg(long, env = "PHANTOM_AUTHZ_INTROSPECTION_URL")]
-    pub introspection_url: Option<String>,
-
-    /// PEM file of the CA(s) that sign the IdP's certificate. When given, only these are
-    /// trusted for the IdP; otherwise the system's roots are.
-    #[arg(long, env = "PHANTOM_AUTHZ_IDP_CA_FILE")]
-    pub idp_ca_file: Option<PathBuf>,
-
-    /// HTTP(S) proxy through which every call to the identity server goes (http:// or
-    /// https://; credentials allowed, `http://user:password@proxy:3128`, and masked wherever
-    /// printed). Without it the IdP is called directly: HTTP_PROXY, HTTPS_PROXY, ALL_PROXY and
-    /// their lowercase forms are ignored, so the client secret and tokens never take a route
-    /// nobody configured for this service.
-    #[arg(long, env = "PHANTOM_AUTHZ_IDP_PROXY", hide_env_values = true)]
-    pub idp_proxy: Option<String>,
-
-    /// PEM certificate chain for TLS on the gRPC listener (with --grpc-tls-key).
-    #[arg(long, env = "PHANTOM_AUTHZ_GRPC_TLS_CERT")]
-    pub grpc_tls_cert: Option<PathBuf>,
-
-    /// PEM private key for TLS on the gRPC listener (with --grpc-tls-cert).
-    #[arg(long, env = "PHANTOM_AUTHZ_GRPC_TLS_KEY")]
-    pub grpc_tls_key: Option<PathBuf>,
-
-    /// PEM CA(s) for client certificates: when given, every gRPC client (Envoy) must present a
-    /// certificate signed by one of them (mTLS).
-    #[arg(long, env = "PHANTOM_AUTHZ_GRPC_TLS_CLIENT_CA")]
-    pub grpc_tls_client_ca: Option<PathBuf>,
-
-    /// Client id of the introspecting client.
-    #[arg(long, env = "PHANTOM_AUTHZ_CLIENT_ID")]
-    pub client_id: Option<String>,
-
-    /// Client secret of the introspecting client. Prefer --client-secret-file.
-    #[arg(long, env = "PHANTOM_AUTHZ_CLIENT_SECRET", hide_env_values = true)]
-    pub client_secret: Option<String>,
-
-    /// File holding the client secret (surrounding whitespace is trimmed).
-    #[arg(long, env = "PHANTOM_AUTHZ_CLIENT_SECRET_FILE")]
-    pub client_secret_file: Option<PathBuf>,
-
-    /// `jwt`: ask for `application/jwt`, the JWT is the body (204 means inactive).
-    /// `json`: RFC 7662 JSON whose `jwt` field holds the JWT.
-    #[arg(
-        long,
-        env = "PHANTOM_AUTHZ_INTROSPECTION_MODE",
-        value_enum,
-        default_value = "jwt"
-    )]
-    pub introspection_mode: IntrospectionMode,
-
-    /// Bound on one introspection call, connection included. An introspection runs to its end
-    /// even when Envoy gives up on the Check that started it (Envoy's ext_authz `timeout`, 200 ms
-    /// by default), so that the retry finds the answer cached: keep this above Envoy's timeout
-    /// and well below the time a client waits before retrying.
-    #[arg(long, env = "PHANTOM_AUTHZ_INTROSPECTION_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
-    pub introspection_timeout: Duration,
-
-    /// Longest a Check waits for its answer (Redis and introspection); past it the Check gets
-    /// 503 while the lookup goes on and fills the cache. Bounds callers that set no deadline.
-    #[arg(long, env = "PHANTOM_AUTHZ_CHECK_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
-    pub check_timeout: Duration,
-
-    /// How long a token the IdP called inactive is answered 401 by this replica without asking
-    /// the IdP again, so a replayed bad token costs one IdP call per interval. A token the IdP
-    /// wrongly calls inactive (replication lag just after issuance) stays refused that long. 0
-    /// turns it off.
-    #[arg(long, env = "PHANTOM_AUTHZ_INACTIVE_CACHE_TTL", default_value = "10s", value_parser = parse_duration)]
-    pub inactive_cache_ttl: Duration,
-
-    /// Most introspection calls under way at once; excess Checks get 503 at once.
-    #[arg(
-        long,
-        env = "PHANTOM_AUTHZ_MAX_CONCURRENT_INTROSPECTIONS",
-        default_value_t = 256
-    )]
-    pub max_concurrent_introspections: usize,
-
-    /// Consecutive IdP failures (unreachable, timeout, 5xx, garbage) that open the circuit
-    /// breaker, after which Checks needing introspection fail fast with 503. 0 disables it.
-    #[arg(
-        long,
-        env = "PHANTOM_AUTHZ_CIRCUIT_FAILURE_THRESHOLD",
-        default_value_t = 5
-    )]
-    pub circuit_failure_threshold: u32,
-
-    /// How long an open circuit fails fast before one probe call is let through.
-    #[arg(long, env = "PHANTOM_AUTHZ_CIRCUIT_OPEN_DURATION", default_value = "5s", value_parser = parse_duration)]
-    pub circuit_open_duration: Duration,
-
-    /// Shared cache (redis:// or rediss://). Without it the in-process cache serves alone.
-    #[arg(long, env = "PHANTOM_AUTHZ_REDIS_URL", hide_env_values = true)]
-    pub redis_url: Option<String>,
-
-    /// File of the secrets that Redis entries are bound to: one per line, 32 bytes or more
-    /// each (`head -c 32 /dev/urandom | base64`). Required with --redis-url. The first names
-    /// and seals new entries; every line is tried when reading, so a new secret can be put
-    /// first and the old one dropped later, without a flush. Replicas share entries only when
-    /// they share a secret; without it, anyone who can write to Redis could forge an allow.
-    #[arg(long, env = "PHANTOM_AUTHZ_CACHE_SECRET_FILE")]
-    pub cache_secret_file: Option<PathBuf>,
-
-    /// PEM CA(s) that sign Redis's certificate, for rediss:// URLs (default: system roots).
-    #[arg(long, env = "PHANTOM_AUTHZ_REDIS_CA_FILE")]
-    pub redis_ca_file: Option<PathBuf>,
-
-    /// Bound on one Redis command; on expiry the Check falls back to introspection.
-    #[arg(long, env = "PHANTOM_AUTHZ_REDIS_TIMEOUT", default_value = "50ms", value_parser = parse_duration)]
-    pub redis_timeout: Duration,
-
-    /// Cache TTL when the identity server sends no Cache-Control max-age.
-    #[arg(long, env = "PHANTOM_AUTHZ_DEFAULT_CACHE_TTL", default_value = "300s", value_parser = parse_duration)]
-    pub default_cache_ttl: Duration,
-
-    /// No cached allow lives longer than this, whatever the identity server's max-age or
-    /// --default-cache-ttl say: it bounds how long a token revoked without an eviction keeps
-    /// working.
-    #[arg(long, env = "PHANTOM_AUTHZ_MAX_CACHE_TTL", default_value = "5m", value_parser = parse_duration)]
-    pub max_cache_ttl: Duration,
-
-    /// Longest time an in-process entry is trusted before Redis is asked again (with
-    /// --redis-url); bounds how long another replica's eviction takes to show. 0 turns the
-    /// in-process tier off when Redis is configured.
-    #[arg(long, env = "PHANTOM_AUTHZ_LOCAL_CACHE_TTL", default_value = "10s", value_parser = parse_duration)]
-    pub local_cache_ttl: Duration,
-
-    /// Most entries held in the in-process cache.
-    #[arg(
-        long,
-        env = "PHANTOM_AUTHZ_LOCAL_CACHE_MAX_ENTRIES",
-        default_value_t = 100_000
-    )]
-    pub local_cache_max_entries: usize,
-
-    /// Most JWT bytes held in the in-process cache (e.g. 256MiB, 64MB, 1048576).
-    #[arg(long, env = "PHANTOM_AUTHZ_LOCAL_CACHE_MAX_BYTES", default_value = "256MiB", value_parser = parse_bytes)]
-    pub local_cache_max_bytes: u64,
-
-    /// Most concurrent Checks on one HTTP/2 connection (SETTINGS_MAX_CONCURRENT_STREAMS).
-    #[arg(
-        long,
-        env = "PHANTOM_AUTHZ_GRPC_MAX_CONCURRENT_STREAMS",
-        default_value_t = 1024
-    )]
-    pub grpc_max_concurrent_streams: u32,
-
-    /// Largest CheckRequest accepted (e.g. 256KiB). A request without a body is a few KiB up to
-    /// Envoy's header limit (60 KiB by default); raise this if Envoy sends request bodies
-    /// (`with_request_body`).
-    #[arg(long, env = "PHANTOM_AUTHZ_GRPC_MAX_REQUEST_BYTES", default_value = "256KiB", value_parser = parse_bytes)]
-    pub grpc_max_request_bytes: u64,
-
-    /// Longest access token accepted; longer ones are rejected without calling the IdP.
-    #[arg(long, env = "PHANTOM_AUTHZ_MAX_TOKEN_LENGTH", default_value_t = 4096)]
-    pub max_token_length: usize,
-
-    /// Realm announced in `WWW-Authenticate`.
-    #[arg(long, env = "PHANTOM_AUTHZ_REALM", default_value = "api")]
-    pub realm: String,
-
-    /// How long in-flight Checks may take to finish after SIGTERM.
-    #[arg(long, env = "PHANTOM_AUTHZ_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
-    pub shutdown_grace: Duration,
-
-    /// Log line format.
-    #[arg(
-        long,
-        env = "PHANTOM_AUTHZ_LOG_FORMAT",
-        value_enum,
-        default_value = "text"
-    )]
-    pub log_format: LogFormat,
-
-    /// OTLP/gRPC collector to export OpenTelemetry traces to (http:// or https://, e.g.
-    /// http://otel-collector:4317): a span per Check, continuing the caller's W3C
-    /// `traceparent`. Off unless given. The standard OTEL_BSP_* and OTEL_TRACES_SAMPLER
-    /// variables tune batching and sampling.
-    #[arg(long, env = "PHANTOM_AUTHZ_OTLP_ENDPOINT")]
-    pub otlp_endpoint: Option<String>,
-}
-
-/// How the identity server is asked for the JWT.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum IntrospectionMode {
-    /// `Accept: application/jwt`; 200 carries the JWT, 204 means inactive.
-    Jwt,
-    /// `Accept: application/json`; RFC 7662 JSON with `active` and `jwt`.
-    Json,
-}
-
-/// Log line format.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
 
 /// A value that must never be printed: its `Debug` and `Display` are redacted.
 #[derive(Clone, PartialEq, Eq)]
@@ -439,218 +188,6 @@ fn invalid(flag: &'static str, problem: impl Into<String>) -> ConfigError {
     }
 }
 
-impl Config {
-    /// Validates parsed flags.
-    pub fn from_args(args: Args) -> Result<Self, ConfigError> {
-        let url = args
-            .introspection_url
-            .ok_or_else(|| invalid("--introspection-url", "is required"))?;
-        validate_http_url(&url)?;
-
-        let client_id = args
-            .client_id
-            .filter(|id| !id.is_empty())
-            .ok_or_else(|| invalid("--client-id", "is required"))?;
-        if client_id.contains(':') {
-            // RFC 6749 §2.3.1 form-encodes the id, but Curity ids never contain ':' and a
-            // colon here is almost always a pasted "id:secret" pair.
-            return Err(invalid("--client-id", "must not contain ':'"));
-        }
-        let client_secret = match (args.client_secret, args.client_secret_file) {
-            (Some(_), Some(_)) => {
-                return Err(invalid(
-                    "--client-secret",
-                    "give either --client-secret or --client-secret-file, not both",
-                ));
-            }
-            (Some(secret), None) if secret.is_empty() => {
-                return Err(invalid("--client-secret", "must not be empty"));
-            }
-            (Some(secret), None) => SecretSource::Value(Secret::new(secret)),
-            (None, Some(path)) => SecretSource::File(path),
-            (None, None) => {
-                return Err(invalid(
-                    "--client-secret",
-                    "is required (or --client-secret-file)",
-                ));
-            }
-        };
-        if args.max_concurrent_introspections == 0 {
-            return Err(invalid(
-                "--max-concurrent-introspections",
-                "must be at least 1",
-            ));
-        }
-        if args.circuit_failure_threshold > 0 && args.circuit_open_duration.is_zero() {
-            return Err(invalid("--circuit-open-duration", "must be above zero"));
-        }
-        if args.introspection_timeout.is_zero() {
-            return Err(invalid("--introspection-timeout", "must be above zero"));
-        }
-        if args.check_timeout.is_zero() {
-            return Err(invalid("--check-timeout", "must be above zero"));
-        }
-        if args.max_cache_ttl.is_zero() {
-            return Err(invalid("--max-cache-ttl", "must be above zero"));
-        }
-        if args.grpc_max_concurrent_streams == 0 {
-            return Err(invalid(
-                "--grpc-max-concurrent-streams",
-                "must be at least 1",
-            ));
-        }
-        let max_request_bytes = usize::try_from(args.grpc_max_request_bytes)
-            .ok()
-            .filter(|bytes| (1024..=64 << 20).contains(bytes))
-            .ok_or_else(|| invalid("--grpc-max-request-bytes", "must be between 1KiB and 64MiB"))?;
-
-        let redis = match args.redis_url {
-            None if args.cache_secret_file.is_some() => {
-                return Err(invalid(
-                    "--cache-secret-file",
-                    "has no use without --redis-url",
-                ));
-            }
-            None => None,
-            Some(url) => {
-                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-                    return Err(invalid(
-                        "--redis-url",
-                        "must start with redis:// or rediss://",
-                    ));
-                }
-                if args.redis_timeout.is_zero() {
-                    return Err(invalid("--redis-timeout", "must be above zero"));
-                }
-                if args.redis_ca_file.is_some() && !url.starts_with("rediss://") {
-                    return Err(invalid("--redis-ca-file", "needs a rediss:// --redis-url"));
-                }
-                let secret_file = args.cache_secret_file.ok_or_else(|| {
-                    invalid(
-                        "--cache-secret-file",
-                        "is required with --redis-url: a file of one or more secrets of 32 \
-                         bytes or more, one per line, shared by the replicas that share Redis \
-                         (`head -c 32 /dev/urandom | base64 > cache-secret`)",
-                    )
-                })?;
-                Some(RedisConfig {
-                    url: Secret::new(url),
-                    ca_file: args.redis_ca_file,
-                    secret_file,
-                    timeout: args.redis_timeout,
-                })
-            }
-        };
-
-        if args.local_cache_max_entries == 0 {
-            return Err(invalid(
-                "--local-cache-max-entries",
-                "must be at least 1 (use --local-cache-ttl 0 to turn the tier off)",
-            ));
-        }
-        if args.max_token_length == 0 {
-            return Err(invalid("--max-token-length", "must be at least 1"));
-        }
-        validate_realm(&args.realm)?;
-        let admin_grpc_tls = tls_files(
-            ADMIN_GRPC_TLS_FLAGS,
-            args.admin_grpc_tls_cert,
-            args.admin_grpc_tls_key,
-            args.admin_grpc_tls_client_ca,
-        )?;
-        if admin_grpc_tls.is_some() && args.admin_grpc_listen.is_none() {
-            return Err(invalid(
-                "--admin-grpc-tls-cert",
-                "has no use without --admin-grpc-listen",
-            ));
-        }
-        let admin_grpc = match (args.admin_grpc_listen, args.admin_token_file) {
-            (Some(listen), Some(_))
-                if listen.port() != 0
-                    && (listen == args.grpc_listen || listen == args.admin_listen) =>
-            {
-                return Err(invalid(
-                    "--admin-grpc-listen",
-                    "must differ from --grpc-listen and --admin-listen",
-                ));
-            }
-            (Some(listen), Some(token_file)) => Some(AdminGrpcConfig {
-                listen,
-                token_file,
-                tls: admin_grpc_tls,
-            }),
-            (Some(_), None) => {
-                return Err(invalid(
-                    "--admin-token-file",
-                    "is required with --admin-grpc-listen",
-                ));
-            }
-            (None, Some(_)) => {
-                return Err(invalid(
-                    "--admin-token-file",
-                    "has no use without --admin-grpc-listen",
-                ));
-            }
-            (None, None) => None,
-        };
-
-        let grpc_tls = tls_files(
-            GRPC_TLS_FLAGS,
-            args.grpc_tls_cert,
-            args.grpc_tls_key,
-            args.grpc_tls_client_ca,
-        )?;
-        let otlp_endpoint = args.otlp_endpoint.map(validate_otlp_endpoint).transpose()?;
-        let idp_proxy = args.idp_proxy.map(validate_proxy_url).transpose()?;
-        if args.idp_ca_file.is_some() && url.starts_with("http://") {
-            return Err(invalid(
-                "--idp-ca-file",
-                "needs an https:// --introspection-url",
-            ));
-        }
-
-        Ok(Config {
-            grpc_listen: args.grpc_listen,
-            grpc_tls,
-            admin_listen: args.admin_listen,
-            admin_grpc,
-            introspection: IntrospectionConfig {
-                url,
-                ca_file: args.idp_ca_file,
-                proxy: idp_proxy,
-                client_id,
-                client_secret,
-                mode: args.introspection_mode,
-                timeout: args.introspection_timeout,
-                guard: GuardConfig {
-                    max_concurrent: args.max_concurrent_introspections,
-                    failure_threshold: args.circuit_failure_threshold,
-                    open_for: args.circuit_open_duration,
-                },
-            },
-            cache: CacheConfig {
-                default_ttl: args.default_cache_ttl,
-                max_ttl: args.max_cache_ttl,
-                inactive_ttl: args.inactive_cache_ttl,
-                local_ttl: args.local_cache_ttl,
-                local_max_entries: args.local_cache_max_entries,
-                local_max_bytes: args.local_cache_max_bytes,
-            },
-            redis,
-            max_token_length: args.max_token_length,
-            check_timeout: args.check_timeout,
-            grpc_limits: GrpcLimits {
-                max_concurrent_streams: args.grpc_max_concurrent_streams,
-                max_request_bytes,
-            },
-            realm: args.realm,
-            shutdown_grace: args.shutdown_grace,
-            log_format: args.log_format,
-            otlp_endpoint,
-        })
-    }
-}
-
 /// The flags naming a listener's TLS files: certificate, key, client CA.
 pub type TlsFlags = [&'static str; 3];
 
@@ -664,187 +201,10 @@ pub const ADMIN_GRPC_TLS_FLAGS: TlsFlags = [
     "--admin-grpc-tls-client-ca",
 ];
 
-/// A listener's TLS files: none, or a certificate and key with an optional client CA.
-fn tls_files(
-    [cert_flag, key_flag, client_ca_flag]: TlsFlags,
-    cert: Option<PathBuf>,
-    key: Option<PathBuf>,
-    client_ca: Option<PathBuf>,
-) -> Result<Option<GrpcTls>, ConfigError> {
-    match (cert, key, client_ca) {
-        (Some(cert), Some(key), client_ca) => Ok(Some(GrpcTls {
-            cert,
-            key,
-            client_ca,
-        })),
-        (None, None, None) => Ok(None),
-        (None, None, Some(_)) => Err(invalid(
-            client_ca_flag,
-            format!("needs {cert_flag} and {key_flag}"),
-        )),
-        (Some(_), None, _) => Err(invalid(key_flag, format!("is required with {cert_flag}"))),
-        (None, Some(_), _) => Err(invalid(cert_flag, format!("is required with {key_flag}"))),
-    }
-}
-
-fn validate_http_url(url: &str) -> Result<(), ConfigError> {
-    let rest = url
-        .strip_prefix("https://")
-        .or_else(|| url.strip_prefix("http://"))
-        .ok_or_else(|| invalid("--introspection-url", "must start with http:// or https://"))?;
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    if authority.is_empty() {
-        return Err(invalid("--introspection-url", "has no host"));
-    }
-    if authority.contains('@') {
-        return Err(invalid(
-            "--introspection-url",
-            "must not carry credentials; use --client-id and --client-secret",
-        ));
-    }
-    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(invalid("--introspection-url", "contains whitespace"));
-    }
-    Ok(())
-}
-
-/// The collector's address: http or https, a host, no credentials, no whitespace.
-fn validate_otlp_endpoint(url: String) -> Result<String, ConfigError> {
-    let flag = "--otlp-endpoint";
-    let rest = url
-        .strip_prefix("https://")
-        .or_else(|| url.strip_prefix("http://"))
-        .ok_or_else(|| invalid(flag, "must start with http:// or https://"))?;
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    if authority.is_empty() {
-        return Err(invalid(flag, "has no host"));
-    }
-    if authority.contains('@') {
-        return Err(invalid(flag, "must not carry credentials"));
-    }
-    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(invalid(flag, "contains whitespace"));
-    }
-    Ok(url)
-}
-
-/// The IdP proxy: http or https, a host, no whitespace; credentials are allowed. Problems are
-/// described without echoing the URL, which may hold a password.
-fn validate_proxy_url(url: String) -> Result<ProxyUrl, ConfigError> {
-    let flag = "--idp-proxy";
-    let rest = url
-        .strip_prefix("https://")
-        .or_else(|| url.strip_prefix("http://"))
-        .ok_or_else(|| invalid(flag, "must start with http:// or https://"))?;
-    // Credentials may hold '/', '?' or '#': the host follows the last '@'.
-    let after_credentials = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
-    let host = after_credentials
-        .split(['/', '?', '#'])
-        .next()
-        .unwrap_or_default();
-    if host.is_empty() {
-        return Err(invalid(flag, "has no host"));
-    }
-    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(invalid(flag, "contains whitespace"));
-    }
-    Ok(ProxyUrl(Secret::new(url)))
-}
-
-/// The realm goes inside a quoted-string in `WWW-Authenticate`.
-fn validate_realm(realm: &str) -> Result<(), ConfigError> {
-    let ok = !realm.is_empty()
-        && realm
-            .bytes()
-            .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\');
-    if ok {
-        Ok(())
-    } else {
-        Err(invalid(
-            "--realm",
-            "must be non-empty printable ASCII without '\"' or '\\'",
-        ))
-    }
-}
-
-/// Turns a `--config` TOML document into flags placed before the command line's, so that
-/// command-line flags override them. Keys whose environment variable is set (`env_is_set`) are
-/// left out: the environment wins over the file. Unknown keys are errors.
-pub fn file_args(
-    text: &str,
-    env_is_set: impl Fn(&str) -> bool,
-) -> Result<Vec<String>, ConfigError> {
-    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-        invalid("--config", format!("not valid TOML: {}", e.message()))
-    })?;
-    let command = <Args as clap::CommandFactory>::command();
-    let mut args = Vec::new();
-    for (key, value) in table {
-        let flag = command
-            .get_arguments()
-            .find(|arg| arg.get_long() == Some(key.as_str()) && key != "config")
-            .ok_or_else(|| invalid("--config", format!("unknown setting `{key}`")))?;
-        if flag
-            .get_env()
-            .and_then(|env| env.to_str())
-            .is_some_and(&env_is_set)
-        {
-            continue;
-        }
-        let value = match value {
-            toml::Value::String(text) => text,
-            toml::Value::Integer(n) => n.to_string(),
-            toml::Value::Float(n) => n.to_string(),
-            toml::Value::Boolean(b) => b.to_string(),
-            _ => {
-                return Err(invalid(
-                    "--config",
-                    format!("`{key}` must be a string, number or boolean"),
-                ));
-            }
-        };
-        args.push(format!("--{key}={value}"));
-    }
-    Ok(args)
-}
-
-/// Parses `500ms`, `20s`, `5m`, `1h 30m`, or `0`.
-pub fn parse_duration(value: &str) -> Result<Duration, String> {
-    if value.trim() == "0" {
-        return Ok(Duration::ZERO);
-    }
-    humantime::parse_duration(value.trim())
-        .map_err(|e| format!("{e} (expected a duration such as 500ms, 20s or 5m)"))
-}
-
-/// Parses a byte size: a plain number, or one with a KB/MB/GB or KiB/MiB/GiB suffix.
-pub fn parse_bytes(value: &str) -> Result<u64, String> {
-    let value = value.trim();
-    let split = value
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(value.len());
-    let (digits, unit) = value.split_at(split);
-    let number: u64 = digits
-        .parse()
-        .map_err(|_| "expected a size such as 256MiB or 1048576".to_string())?;
-    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "kb" => 1_000,
-        "mb" => 1_000_000,
-        "gb" => 1_000_000_000,
-        "kib" => 1 << 10,
-        "mib" => 1 << 20,
-        "gib" => 1 << 30,
-        other => return Err(format!("unknown size unit {other:?}")),
-    };
-    number
-        .checked_mul(factor)
-        .ok_or_else(|| "size too large".to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser as _;
 
     #[test]
     fn admin_grpc_is_off_by_default_and_needs_its_secret_file() {
@@ -946,6 +306,27 @@ mod tests {
         assert!(config.redis.is_none());
     }
 
+    /// Loads with an environment of `env` and a file system holding only `/etc/pa.toml`.
+    fn load_with(
+        argv: &[&str],
+        env: &[(&str, &str)],
+        file: &str,
+    ) -> Result<Config, load::LoadError> {
+        let env: std::collections::HashMap<String, std::ffi::OsString> =
+            env.iter().map(|(k, v)| (k.to_string(), v.into())).collect();
+        let argv = std::iter::once("phantom-authz")
+            .chain(argv.iter().copied())
+            .map(Into::into)
+            .collect();
+        load::load(argv, &|name| env.get(name).cloned(), &|path| {
+            if path == std::path::Path::new("/etc/pa.toml") {
+                Ok(file.to_owned())
+            } else {
+                Err(std::io::ErrorKind::NotFound.into())
+            }
+        })
+    }
+
     #[test]
     fn config_file_sits_below_environment_and_flags() {
         let file = r#"
@@ -956,28 +337,82 @@ mod tests {
             redis-timeout = "80ms"
             realm = "from-file"
         "#;
-        let env_has_realm = |name: &str| name == "PHANTOM_AUTHZ_REALM";
-        let mut argv = vec!["phantom-authz".to_string()];
-        argv.extend(file_args(file, env_has_realm).unwrap());
-        argv.extend(["--client-id".to_string(), "from-flag".to_string()]);
-        let args = Args::try_parse_from(argv).unwrap();
-        assert_eq!(args.client_id.as_deref(), Some("from-flag"));
-        assert_eq!(args.local_cache_max_entries, 5000);
-        assert_eq!(args.redis_timeout, Duration::from_millis(80));
-        // The environment's realm wins over the file's: the file's value was left out.
-        assert_ne!(args.realm, "from-file");
-        let config = Config::from_args(args).unwrap();
+        let config = load_with(
+            &["--config", "/etc/pa.toml", "--client-id", "from-flag"],
+            &[
+                ("PHANTOM_AUTHZ_REALM", "from-env"),
+                ("PHANTOM_AUTHZ_CLIENT_ID", "from-env"),
+            ],
+            file,
+        )
+        .unwrap();
+        assert_eq!(config.introspection.client_id, "from-flag");
+        assert_eq!(config.cache.local_max_entries, 5000);
+        assert_eq!(config.realm, "from-env");
         assert!(!format!("{config:?}").contains("file-secret"));
+
+        // The file may be named by the environment too; an empty variable counts as unset.
+        let config = load_with(
+            &[],
+            &[
+                ("PHANTOM_AUTHZ_CONFIG", "/etc/pa.toml"),
+                ("PHANTOM_AUTHZ_REALM", ""),
+            ],
+            file,
+        )
+        .unwrap();
+        assert_eq!(config.introspection.client_id, "from-file");
+        assert_eq!(config.realm, "from-file");
+        let err = load_with(&["--config", "/etc/missing.toml"], &[], file).unwrap_err();
+        assert!(
+            err.to_string().starts_with("--config: cannot read"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn missing_required_flags_are_named_together() {
+        let err = load_with(&[], &[], "").unwrap_err().to_string();
+        assert!(
+            err.contains("--introspection-url")
+                && err.contains("--client-id")
+                && err.contains("--client-secret"),
+            "{err}"
+        );
+        let err = load_with(&["--client-id", "gw", "--client-secret", "x"], &[], "")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "--introspection-url: is required");
+    }
+
+    #[test]
+    fn every_flag_has_its_environment_variable() {
+        let config = load_with(
+            &[],
+            &[
+                ("PHANTOM_AUTHZ_INTROSPECTION_URL", "https://idp.example/i"),
+                ("PHANTOM_AUTHZ_CLIENT_ID", "gw"),
+                ("PHANTOM_AUTHZ_CLIENT_SECRET", "s3cr3t-value"),
+                ("PHANTOM_AUTHZ_MAX_CACHE_TTL", "90s"),
+            ],
+            "",
+        )
+        .unwrap();
+        assert_eq!(config.cache.max_ttl, Duration::from_secs(90));
+        assert_eq!(
+            load::env_var("local-cache-max-bytes"),
+            "PHANTOM_AUTHZ_LOCAL_CACHE_MAX_BYTES"
+        );
     }
 
     #[test]
     fn config_file_mistakes_name_the_setting() {
-        let no_env = |_: &str| false;
-        let err = file_args("introspection_url = \"x\"", no_env).unwrap_err();
+        use load::file_args;
+        let err = file_args("introspection_url = \"x\"").unwrap_err();
         assert!(err.to_string().contains("introspection_url"), "{err}");
-        assert!(file_args("realm = [1, 2]", no_env).is_err());
-        assert!(file_args("config = \"/etc/other.toml\"", no_env).is_err());
-        let err = file_args("client-secret = \"unterminated", no_env).unwrap_err();
+        assert!(file_args("realm = [1, 2]").is_err());
+        assert!(file_args("config = \"/etc/other.toml\"").is_err());
+        let err = file_args("client-secret = \"unterminated").unwrap_err();
         assert_eq!(err.flag, "--config");
         assert!(!err.to_string().contains("unterminated"), "{err}");
     }

@@ -5,10 +5,10 @@ use std::ffi::OsString;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::Parser as _;
 
 use phantom_authz::app::App;
-use phantom_authz::config::{Args, Config, LogFormat, file_args};
+use phantom_authz::config::load::{self, LoadError};
+use phantom_authz::config::{Config, LogFormat};
 use phantom_authz::telemetry::{self, Telemetry};
 
 fn main() -> ExitCode {
@@ -19,6 +19,8 @@ fn main() -> ExitCode {
     }
     let config = match load_config(argv) {
         Ok(config) => config,
+        // `--help`, `--version` and flag syntax: clap prints them and picks the status (2).
+        Err(LoadError::Flags(error)) => error.exit(),
         Err(error) => return configuration_error(&error),
     };
     let runtime = match tokio::runtime::Runtime::new() {
@@ -109,21 +111,10 @@ fn configuration_error(error: &dyn std::fmt::Display) -> ExitCode {
 }
 
 /// Flags, environment, then `--config`'s file beneath both; validated.
-fn load_config(argv: Vec<OsString>) -> anyhow::Result<Config> {
-    let args = Args::try_parse_from(&argv).unwrap_or_else(|e| e.exit());
-    let args = match &args.config {
-        None => args,
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("--config: cannot read {}", path.display()))?;
-            let from_file = file_args(&text, |name| std::env::var_os(name).is_some())?;
-            let mut merged = vec![argv[0].clone()];
-            merged.extend(from_file.into_iter().map(OsString::from));
-            merged.extend(argv.into_iter().skip(1));
-            Args::try_parse_from(merged).unwrap_or_else(|e| e.exit())
-        }
-    };
-    Ok(Config::from_args(args)?)
+fn load_config(argv: Vec<OsString>) -> Result<Config, LoadError> {
+    load::load(argv, &|name| std::env::var_os(name), &|path| {
+        std::fs::read_to_string(path)
+    })
 }
 
 /// Log lines to stderr, filtered by `RUST_LOG`; with `--otlp-endpoint`, spans to the collector

@@ -1,0 +1,346 @@
+//! From parsed flags to a validated [`Config`]: each section checked on its own, every problem
+//! named by its flag, no secret value in any message. No I/O.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::*;
+
+impl Config {
+    /// Validates parsed flags. Missing required flags are reported together, in one message.
+    pub fn from_args(args: Args) -> Result<Self, ConfigError> {
+        required(&args)?;
+        let introspection = introspection(&args)?;
+        let redis = redis(&args)?;
+        let admin_grpc = admin_grpc(&args)?;
+        let grpc_tls = tls_files(
+            GRPC_TLS_FLAGS,
+            args.grpc_tls_cert,
+            args.grpc_tls_key,
+            args.grpc_tls_client_ca,
+        )?;
+        above_zero("--check-timeout", args.check_timeout)?;
+        above_zero("--max-cache-ttl", args.max_cache_ttl)?;
+        at_least_one(
+            "--grpc-max-concurrent-streams",
+            args.grpc_max_concurrent_streams.into(),
+        )?;
+        let max_request_bytes = usize::try_from(args.grpc_max_request_bytes)
+            .ok()
+            .filter(|bytes| (1024..=64 << 20).contains(bytes))
+            .ok_or_else(|| invalid("--grpc-max-request-bytes", "must be between 1KiB and 64MiB"))?;
+        if args.local_cache_max_entries == 0 {
+            return Err(invalid(
+                "--local-cache-max-entries",
+                "must be at least 1 (use --local-cache-ttl 0 to turn the tier off)",
+            ));
+        }
+        at_least_one("--max-token-length", args.max_token_length as u64)?;
+        validate_realm(&args.realm)?;
+        let otlp_endpoint = args
+            .otlp_endpoint
+            .map(|url| http_url("--otlp-endpoint", &url, Credentials::Refused).map(|()| url))
+            .transpose()?;
+
+        Ok(Config {
+            grpc_listen: args.grpc_listen,
+            grpc_tls,
+            admin_listen: args.admin_listen,
+            admin_grpc,
+            introspection,
+            cache: CacheConfig {
+                default_ttl: args.default_cache_ttl,
+                max_ttl: args.max_cache_ttl,
+                inactive_ttl: args.inactive_cache_ttl,
+                local_ttl: args.local_cache_ttl,
+                local_max_entries: args.local_cache_max_entries,
+                local_max_bytes: args.local_cache_max_bytes,
+            },
+            redis,
+            max_token_length: args.max_token_length,
+            check_timeout: args.check_timeout,
+            grpc_limits: GrpcLimits {
+                max_concurrent_streams: args.grpc_max_concurrent_streams,
+                max_request_bytes,
+            },
+            realm: args.realm,
+            shutdown_grace: args.shutdown_grace,
+            log_format: args.log_format,
+            otlp_endpoint,
+        })
+    }
+}
+
+/// The flags without which nothing can start, all named at once when missing.
+fn required(args: &Args) -> Result<(), ConfigError> {
+    let missing: Vec<(&'static str, &'static str)> = [
+        ("--introspection-url", "", args.introspection_url.is_none()),
+        (
+            "--client-id",
+            "",
+            args.client_id.as_deref().is_none_or(str::is_empty),
+        ),
+        (
+            "--client-secret",
+            " (or --client-secret-file)",
+            args.client_secret.is_none() && args.client_secret_file.is_none(),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(flag, or, absent)| absent.then_some((flag, or)))
+    .collect();
+    match missing.as_slice() {
+        [] => Ok(()),
+        [(flag, or)] => Err(invalid(flag, format!("is required{or}"))),
+        [(first, _), ..] => Err(invalid(
+            first,
+            format!(
+                "required flags are missing: {}",
+                missing
+                    .iter()
+                    .map(|(flag, or)| format!("{flag}{or}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )),
+    }
+}
+
+fn introspection(args: &Args) -> Result<IntrospectionConfig, ConfigError> {
+    let url = args.introspection_url.clone().unwrap_or_default();
+    http_url("--introspection-url", &url, Credentials::Refused)?;
+    let client_id = args.client_id.clone().unwrap_or_default();
+    if client_id.contains(':') {
+        // RFC 6749 §2.3.1 form-encodes the id, but Curity ids never contain ':' and a colon
+        // here is almost always a pasted "id:secret" pair.
+        return Err(invalid("--client-id", "must not contain ':'"));
+    }
+    let client_secret = match (&args.client_secret, &args.client_secret_file) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "--client-secret",
+                "give either --client-secret or --client-secret-file, not both",
+            ));
+        }
+        (Some(secret), None) if secret.is_empty() => {
+            return Err(invalid("--client-secret", "must not be empty"));
+        }
+        (Some(secret), None) => SecretSource::Value(Secret::new(secret.as_str())),
+        (None, Some(path)) => SecretSource::File(path.clone()),
+        (None, None) => {
+            return Err(invalid(
+                "--client-secret",
+                "is required (or --client-secret-file)",
+            ));
+        }
+    };
+    if args.idp_ca_file.is_some() && url.starts_with("http://") {
+        return Err(invalid(
+            "--idp-ca-file",
+            "needs an https:// --introspection-url",
+        ));
+    }
+    let proxy = args
+        .idp_proxy
+        .as_ref()
+        .map(|url| {
+            http_url("--idp-proxy", url, Credentials::Allowed)
+                .map(|()| ProxyUrl(Secret::new(url.as_str())))
+        })
+        .transpose()?;
+    above_zero("--introspection-timeout", args.introspection_timeout)?;
+    at_least_one(
+        "--max-concurrent-introspections",
+        args.max_concurrent_introspections as u64,
+    )?;
+    if args.circuit_failure_threshold > 0 {
+        above_zero("--circuit-open-duration", args.circuit_open_duration)?;
+    }
+    Ok(IntrospectionConfig {
+        url,
+        ca_file: args.idp_ca_file.clone(),
+        proxy,
+        client_id,
+        client_secret,
+        mode: args.introspection_mode,
+        timeout: args.introspection_timeout,
+        guard: GuardConfig {
+            max_concurrent: args.max_concurrent_introspections,
+            failure_threshold: args.circuit_failure_threshold,
+            open_for: args.circuit_open_duration,
+        },
+    })
+}
+
+fn redis(args: &Args) -> Result<Option<RedisConfig>, ConfigError> {
+    let Some(url) = &args.redis_url else {
+        if args.cache_secret_file.is_some() {
+            return Err(invalid(
+                "--cache-secret-file",
+                "has no use without --redis-url",
+            ));
+        }
+        return Ok(None);
+    };
+    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        return Err(invalid(
+            "--redis-url",
+            "must start with redis:// or rediss://",
+        ));
+    }
+    above_zero("--redis-timeout", args.redis_timeout)?;
+    if args.redis_ca_file.is_some() && !url.starts_with("rediss://") {
+        return Err(invalid("--redis-ca-file", "needs a rediss:// --redis-url"));
+    }
+    let secret_file = args.cache_secret_file.clone().ok_or_else(|| {
+        invalid(
+            "--cache-secret-file",
+            "is required with --redis-url: a file of one or more secrets of 32 bytes or more, \
+             one per line, shared by the replicas that share Redis \
+             (`head -c 32 /dev/urandom | base64 > cache-secret`)",
+        )
+    })?;
+    Ok(Some(RedisConfig {
+        url: Secret::new(url.as_str()),
+        ca_file: args.redis_ca_file.clone(),
+        secret_file,
+        timeout: args.redis_timeout,
+    }))
+}
+
+fn admin_grpc(args: &Args) -> Result<Option<AdminGrpcConfig>, ConfigError> {
+    let tls = tls_files(
+        ADMIN_GRPC_TLS_FLAGS,
+        args.admin_grpc_tls_cert.clone(),
+        args.admin_grpc_tls_key.clone(),
+        args.admin_grpc_tls_client_ca.clone(),
+    )?;
+    if tls.is_some() && args.admin_grpc_listen.is_none() {
+        return Err(invalid(
+            "--admin-grpc-tls-cert",
+            "has no use without --admin-grpc-listen",
+        ));
+    }
+    match (args.admin_grpc_listen, &args.admin_token_file) {
+        (Some(listen), Some(_))
+            if listen.port() != 0
+                && (listen == args.grpc_listen || listen == args.admin_listen) =>
+        {
+            Err(invalid(
+                "--admin-grpc-listen",
+                "must differ from --grpc-listen and --admin-listen",
+            ))
+        }
+        (Some(listen), Some(token_file)) => Ok(Some(AdminGrpcConfig {
+            listen,
+            token_file: token_file.clone(),
+            tls,
+        })),
+        (Some(_), None) => Err(invalid(
+            "--admin-token-file",
+            "is required with --admin-grpc-listen",
+        )),
+        (None, Some(_)) => Err(invalid(
+            "--admin-token-file",
+            "has no use without --admin-grpc-listen",
+        )),
+        (None, None) => Ok(None),
+    }
+}
+
+/// A listener's TLS files: none, or a certificate and key with an optional client CA.
+fn tls_files(
+    [cert_flag, key_flag, client_ca_flag]: TlsFlags,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+) -> Result<Option<GrpcTls>, ConfigError> {
+    match (cert, key, client_ca) {
+        (Some(cert), Some(key), client_ca) => Ok(Some(GrpcTls {
+            cert,
+            key,
+            client_ca,
+        })),
+        (None, None, None) => Ok(None),
+        (None, None, Some(_)) => Err(invalid(
+            client_ca_flag,
+            format!("needs {cert_flag} and {key_flag}"),
+        )),
+        (Some(_), None, _) => Err(invalid(key_flag, format!("is required with {cert_flag}"))),
+        (None, Some(_), _) => Err(invalid(cert_flag, format!("is required with {key_flag}"))),
+    }
+}
+
+/// Whether a URL may carry `user:password@`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Credentials {
+    /// Refused: the introspection URL has flags for its credentials, the collector none.
+    Refused,
+    /// Allowed (a proxy's), and then they may hold '/', '?' or '#'.
+    Allowed,
+}
+
+/// An `http://` or `https://` URL with a host and no whitespace. Problems are described without
+/// echoing the URL, which may hold a password.
+fn http_url(flag: &'static str, url: &str, credentials: Credentials) -> Result<(), ConfigError> {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| invalid(flag, "must start with http:// or https://"))?;
+    let after = match credentials {
+        // The host follows the last '@'.
+        Credentials::Allowed => rest.rsplit_once('@').map_or(rest, |(_, host)| host),
+        Credentials::Refused => rest,
+    };
+    let authority = after.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    if host.is_empty() {
+        return Err(invalid(flag, "has no host"));
+    }
+    if credentials == Credentials::Refused && authority.contains('@') {
+        return Err(invalid(
+            flag,
+            if flag == "--introspection-url" {
+                "must not carry credentials; use --client-id and --client-secret"
+            } else {
+                "must not carry credentials"
+            },
+        ));
+    }
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(invalid(flag, "contains whitespace"));
+    }
+    Ok(())
+}
+
+/// The realm goes inside a quoted-string in `WWW-Authenticate`.
+fn validate_realm(realm: &str) -> Result<(), ConfigError> {
+    let ok = !realm.is_empty()
+        && realm
+            .bytes()
+            .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            "--realm",
+            "must be non-empty printable ASCII without '\"' or '\\'",
+        ))
+    }
+}
+
+fn above_zero(flag: &'static str, value: Duration) -> Result<(), ConfigError> {
+    if value.is_zero() {
+        return Err(invalid(flag, "must be above zero"));
+    }
+    Ok(())
+}
+
+fn at_least_one(flag: &'static str, value: u64) -> Result<(), ConfigError> {
+    if value == 0 {
+        return Err(invalid(flag, "must be at least 1"));
+    }
+    Ok(())
+}
