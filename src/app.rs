@@ -264,12 +264,17 @@ impl App {
             let health = redis.health();
             Arc::new(move || health.is_up()) as server::Health
         });
+        let listening = Arc::new(AtomicBool::new(false));
+        let evictions_health = self.redis.as_ref().map(|_| {
+            let listening = listening.clone();
+            Arc::new(move || listening.load(Ordering::Relaxed)) as server::Health
+        });
         let mut tasks = vec![(
             "admin HTTP",
             tokio::spawn(server::serve_admin(
                 admin,
                 metrics,
-                Readiness::new(serving.clone(), redis_health),
+                Readiness::new(serving.clone(), redis_health, evictions_health),
                 stopped(stop_rx.clone()),
             )),
         )];
@@ -307,7 +312,7 @@ impl App {
         if let Some(redis) = self.redis {
             let shutdown = stopped(stop_rx.clone());
             let forget = self.authorizer as Arc<dyn evictions::Forget>;
-            let task = tokio::spawn(evictions::subscribe(redis, forget, shutdown));
+            let task = tokio::spawn(evictions::subscribe(redis, forget, listening, shutdown));
             tasks.push(("eviction subscriber", task));
         }
 

@@ -7,7 +7,9 @@ use std::time::Duration;
 use metrics::{
     Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
 };
-use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{
+    BuildError, Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
 
 use crate::decision::Outcome;
 
@@ -35,16 +37,23 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 /// Installs the Prometheus recorder as the global one; the handle renders `/metrics`.
 pub fn install() -> Result<PrometheusHandle, BuildError> {
-    let recorder = PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), LATENCY_BUCKETS)?
-        .build_recorder();
+    let recorder = recorder()?;
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).map_err(BuildError::FailedToSetGlobalRecorder)?;
     describe();
     Ok(handle)
 }
 
-fn describe() {
+/// The Prometheus recorder with the service's buckets, not installed: for a process that runs
+/// several services, each on a thread of its own with this as its local recorder.
+pub fn recorder() -> Result<PrometheusRecorder, BuildError> {
+    Ok(PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), LATENCY_BUCKETS)?
+        .build_recorder())
+}
+
+/// Describes every metric to the current recorder (and sets the build-info gauge).
+pub fn describe() {
     describe_histogram!(
         CHECK_DURATION,
         Unit::Seconds,

@@ -155,11 +155,17 @@ pub struct Readiness {
     /// The Redis tier's health, when there is one. A failing Redis degrades, never unreadies:
     /// Checks still work through introspection.
     redis: Option<Health>,
+    /// Whether this replica hears of evictions, when there is Redis to hear them through.
+    evictions: Option<Health>,
 }
 
 impl Readiness {
-    pub fn new(serving: Arc<AtomicBool>, redis: Option<Health>) -> Self {
-        Self { serving, redis }
+    pub fn new(serving: Arc<AtomicBool>, redis: Option<Health>, evictions: Option<Health>) -> Self {
+        Self {
+            serving,
+            redis,
+            evictions,
+        }
     }
 }
 
@@ -249,13 +255,18 @@ fn ready(readiness: &Readiness) -> impl IntoResponse + use<> {
         Some(is_up) if is_up() => "up",
         Some(_) => "degraded",
     };
+    let evictions = match &readiness.evictions {
+        None => "disabled",
+        Some(listening) if listening() => "listening",
+        Some(_) => "lost",
+    };
     let status = if serving {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     let body = format!(
-        "{{\"status\":\"{}\",\"redis\":\"{redis}\"}}\n",
+        "{{\"status\":\"{}\",\"redis\":\"{redis}\",\"evictions\":\"{evictions}\"}}\n",
         if serving { "ready" } else { "shutting_down" }
     );
     (status, [(header::CONTENT_TYPE, "application/json")], body)

@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -139,9 +140,11 @@ const PING_EVERY: Duration = Duration::from_secs(5);
 /// in-process entry and confirming it to the evicting replica, and passing on confirmations of
 /// this replica's own evictions. Reconnects and resubscribes by itself, waiting a bounded,
 /// jittered, growing delay between attempts; never gives up and never fails the service.
+/// `listening` is true while subscribed (and its in-process tier cleared), for `/readyz`.
 pub async fn subscribe(
     redis: Arc<RedisCache>,
     forget: Arc<dyn Forget>,
+    listening: Arc<AtomicBool>,
     shutdown: impl Future<Output = ()>,
 ) {
     let client = redis.client();
@@ -150,7 +153,8 @@ pub async fn subscribe(
     loop {
         tokio::select! {
             () = &mut shutdown => return,
-            reason = listen(&client, &redis, &*forget, &mut backoff) => {
+            reason = listen(&client, &redis, &*forget, &listening, &mut backoff) => {
+                listening.store(false, Ordering::Relaxed);
                 tracing::warn!(%reason, "eviction subscription lost; resubscribing");
             }
         }
@@ -167,6 +171,7 @@ async fn listen(
     client: &redis::Client,
     redis: &Arc<RedisCache>,
     forget: &dyn Forget,
+    listening: &AtomicBool,
     backoff: &mut Backoff,
 ) -> String {
     let connect = async {
@@ -183,6 +188,7 @@ async fn listen(
     };
     // Notices sent while this replica was not listening are lost: trust nothing held.
     forget.forget_all();
+    listening.store(true, Ordering::Relaxed);
     backoff.reset();
     tracing::info!(channel = EVICTION_CHANNEL, "listening for evictions");
 

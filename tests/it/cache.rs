@@ -47,7 +47,7 @@ async fn expired(conn: &mut redis::aio::MultiplexedConnection) {
     );
 }
 
-async fn allowed(service: &Service, token: &str) -> String {
+async fn allowed(service: &App, token: &str) -> String {
     let mut client = service.client().await;
     let verdict = check(&mut client, bearer_request(token)).await;
     assert_eq!(verdict.http_status, 200, "{verdict:?}");
@@ -57,7 +57,7 @@ async fn allowed(service: &Service, token: &str) -> String {
 #[tokio::test]
 async fn in_process_cache_serves_alone_without_redis() {
     let idp = idp_with(None, 3600).await;
-    let service = Service::start(&idp.url(), "jwt", &[]);
+    let service = App::start(&idp.url(), "jwt", &[]).await;
     let first = allowed(&service, "tok-a").await;
     let second = allowed(&service, "tok-a").await;
     assert_eq!(first, second);
@@ -79,11 +79,12 @@ async fn in_process_cache_serves_alone_without_redis() {
 async fn ttl_comes_from_max_age_and_lives_in_redis() {
     let redis = Redis::start();
     let idp = idp_with(Some("public, max-age=2"), 3600).await;
-    let service = Service::start(
+    let service = App::start(
         &idp.url(),
         "jwt",
         &["--redis-url", &redis.url(), "--local-cache-ttl", "0"],
-    );
+    )
+    .await;
     let jwt = allowed(&service, "opaque-token-1").await;
     let mut conn = redis.connection().await;
     // The write happens after the answer; wait for it.
@@ -121,7 +122,7 @@ async fn an_absurd_max_age_is_capped_by_max_cache_ttl() {
             .header("cache-control", "max-age=18446744073709551615")
     })
     .await;
-    let service = Service::start(
+    let service = App::start(
         &idp.url(),
         "jwt",
         &[
@@ -132,7 +133,8 @@ async fn an_absurd_max_age_is_capped_by_max_cache_ttl() {
             "--max-cache-ttl",
             "90s",
         ],
-    );
+    )
+    .await;
     allowed(&service, "forever").await;
     let mut conn = redis.connection().await;
     let keys = written_keys(&mut conn).await;
@@ -147,7 +149,7 @@ async fn no_store_and_max_age_zero_are_not_cached() {
     for directive in ["no-store", "no-cache", "max-age=0"] {
         let redis = Redis::start();
         let idp = idp_with(Some(directive), 3600).await;
-        let service = Service::start(&idp.url(), "jwt", &["--redis-url", &redis.url()]);
+        let service = App::start(&idp.url(), "jwt", &["--redis-url", &redis.url()]).await;
         for _ in 0..3 {
             allowed(&service, "tok").await;
         }
@@ -171,7 +173,7 @@ async fn the_jwt_exp_caps_the_ttl() {
     let redis = Redis::start();
     // max-age says 300 s, but the JWT expires in 2 s.
     let idp = idp_with(Some("max-age=300"), 2).await;
-    let service = Service::start(&idp.url(), "jwt", &["--redis-url", &redis.url()]);
+    let service = App::start(&idp.url(), "jwt", &["--redis-url", &redis.url()]).await;
     allowed(&service, "short-lived").await;
     let mut conn = redis.connection().await;
     let mut ttl_ms = -2i64;
@@ -200,7 +202,7 @@ async fn the_jwt_exp_caps_the_ttl() {
 #[tokio::test]
 async fn an_already_expired_jwt_is_denied() {
     let idp = Idp::start(|_| Reply::jwt(&make_jwt("x", Some(unix_now() - 10), 0))).await;
-    let service = Service::start(&idp.url(), "jwt", &[]);
+    let service = App::start(&idp.url(), "jwt", &[]).await;
     let mut client = service.client().await;
     let verdict = check(&mut client, bearer_request("tok")).await;
     assert_eq!(verdict.http_status, 401);
@@ -210,8 +212,8 @@ async fn an_already_expired_jwt_is_denied() {
 async fn two_instances_share_one_introspection_through_redis() {
     let redis = Redis::start();
     let idp = idp_with(None, 3600).await;
-    let a = Service::start(&idp.url(), "jwt", &["--redis-url", &redis.url()]);
-    let b = Service::start(&idp.url(), "jwt", &["--redis-url", &redis.url()]);
+    let a = App::start(&idp.url(), "jwt", &["--redis-url", &redis.url()]).await;
+    let b = App::start(&idp.url(), "jwt", &["--redis-url", &redis.url()]).await;
     let from_a = allowed(&a, "shared-token").await;
     let mut conn = redis.connection().await;
     written_keys(&mut conn).await;
@@ -236,11 +238,12 @@ async fn two_instances_share_one_introspection_through_redis() {
 async fn a_planted_redis_value_is_a_miss_not_an_allow() {
     let redis = Redis::start();
     let idp = idp_with(None, 3600).await;
-    let service = Service::start(
+    let service = App::start(
         &idp.url(),
         "jwt",
         &["--redis-url", &redis.url(), "--local-cache-ttl", "0"],
-    );
+    )
+    .await;
     allowed(&service, "victim").await;
     let mut conn = redis.connection().await;
     let keys = written_keys(&mut conn).await;
@@ -313,11 +316,12 @@ async fn a_redis_writer_without_the_cache_secret_cannot_forge_an_allow() {
     let redis = Redis::start();
     // The IdP has never heard of the invented token.
     let idp = Idp::start(|_| Reply::status(204)).await;
-    let service = Service::start(
+    let service = App::start(
         &idp.url(),
         "jwt",
         &["--redis-url", &redis.url(), "--inactive-cache-ttl", "0"],
-    );
+    )
+    .await;
     let mut conn = redis.connection().await;
     let forged_jwt = format!(
         "Bearer {}",
@@ -352,11 +356,12 @@ async fn a_redis_writer_without_the_cache_secret_cannot_forge_an_allow() {
 async fn an_entry_that_opens_is_still_checked_like_an_idp_answer() {
     let redis = Redis::start();
     let idp = idp_with(None, 3600).await;
-    let service = Service::start(
+    let service = App::start(
         &idp.url(),
         "jwt",
         &["--redis-url", &redis.url(), "--local-cache-ttl", "0"],
-    );
+    )
+    .await;
     let mut conn = redis.connection().await;
     let expired = format!("Bearer {}", make_jwt("stale", Some(unix_now() - 10), 0));
     for (token, authorization) in [
@@ -392,8 +397,8 @@ async fn replicas_share_entries_only_when_they_share_a_cache_secret() {
     let idp = idp_with(None, 3600).await;
     let first = cache_secret_file(&["first-deployment-cache-secret-0123456789"]);
     let second = cache_secret_file(&["second-deployment-cache-secret-012345678"]);
-    let start = |file: &tempfile::TempPath| {
-        Service::start(
+    let start = async |file: &tempfile::TempPath| {
+        App::start(
             &idp.url(),
             "jwt",
             &[
@@ -403,9 +408,10 @@ async fn replicas_share_entries_only_when_they_share_a_cache_secret() {
                 file.to_str().unwrap(),
             ],
         )
+        .await
     };
-    let a = start(&first);
-    let b = start(&second);
+    let a = start(&first).await;
+    let b = start(&second).await;
     allowed(&a, "shared-token").await;
     let mut conn = redis.connection().await;
     written_keys(&mut conn).await;
@@ -424,7 +430,7 @@ async fn replicas_share_entries_only_when_they_share_a_cache_secret() {
         "third-deployment-cache-secret-0123456789",
         "first-deployment-cache-secret-0123456789",
     ]);
-    let c = start(&rotated);
+    let c = start(&rotated).await;
     allowed(&c, "shared-token").await;
     assert_eq!(
         idp.calls(),
@@ -443,11 +449,12 @@ async fn redis_down_falls_back_to_introspection() {
     let idp = idp_with(None, 3600).await;
     // Nothing listens on this port: every Redis command fails.
     let url = format!("redis://127.0.0.1:{}", free_port());
-    let service = Service::start(
+    let service = App::start(
         &idp.url(),
         "jwt",
         &["--redis-url", &url, "--local-cache-ttl", "0"],
-    );
+    )
+    .await;
     for _ in 0..3 {
         allowed(&service, "tok").await;
     }
@@ -477,11 +484,12 @@ async fn redis_killed_mid_flight_then_back() {
     let mut redis = Redis::start();
     let port = redis.port;
     let idp = idp_with(None, 3600).await;
-    let service = Service::start(
+    let service = App::start(
         &idp.url(),
         "jwt",
         &["--redis-url", &redis.url(), "--local-cache-ttl", "0"],
-    );
+    )
+    .await;
     allowed(&service, "t1").await;
     redis.kill();
     allowed(&service, "t2").await;
@@ -512,7 +520,7 @@ async fn a_thousand_concurrent_checks_of_one_new_token_call_the_idp_once() {
             .delay(Duration::from_millis(200))
     })
     .await;
-    let service = Service::start(&idp.url(), "jwt", &["--redis-url", &redis.url()]);
+    let service = App::start(&idp.url(), "jwt", &["--redis-url", &redis.url()]).await;
     let client = service.client().await;
     let tasks: Vec<_> = (0..1_000)
         .map(|_| {

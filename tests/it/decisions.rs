@@ -41,11 +41,11 @@ fn curity(mode: &'static str) -> impl Fn(&Seen) -> Reply + Send + Sync + 'static
     }
 }
 
-async fn start(mode: &'static str) -> (Idp, Service) {
+async fn start(mode: &'static str) -> (Idp, App) {
     let idp = Idp::start(curity(mode)).await;
     // The circuit breaker would turn a run of IdP failures into 503s: these tests are about
     // how each single answer maps, so it is off here (tests/faults.rs covers it).
-    let service = Service::start(
+    let service = App::start(
         &idp.url(),
         mode,
         &[
@@ -54,18 +54,13 @@ async fn start(mode: &'static str) -> (Idp, Service) {
             "--circuit-failure-threshold",
             "0",
         ],
-    );
+    )
+    .await;
     (idp, service)
 }
 
 /// Checks `token` and asserts the denial's status, gRPC code and challenge.
-async fn assert_denied(
-    service: &Service,
-    token: &str,
-    http: u16,
-    code: i32,
-    challenge: Option<&str>,
-) {
+async fn assert_denied(service: &App, token: &str, http: u16, code: i32, challenge: Option<&str>) {
     let mut client = service.client().await;
     let verdict = check(&mut client, bearer_request(token)).await;
     assert_eq!(verdict.http_status, http, "{token}: {verdict:?}");
@@ -193,7 +188,7 @@ async fn inactive_rows(mode: &'static str) {
     );
 
     // Turned off, every presentation asks the IdP.
-    let service = Service::start(
+    let service = App::start(
         &idp.url(),
         mode,
         &[
@@ -202,7 +197,8 @@ async fn inactive_rows(mode: &'static str) {
             "--circuit-failure-threshold",
             "0",
         ],
-    );
+    )
+    .await;
     for _ in 0..2 {
         assert_denied(
             &service,
@@ -288,7 +284,7 @@ async fn json_mode_idp_statuses_map_to_the_table() {
 async fn unreachable_and_timeout(mode: &'static str) {
     // Nothing listens on this port.
     let url = format!("http://127.0.0.1:{}/introspect", free_port());
-    let service = Service::start(&url, mode, &["--introspection-timeout", "500ms"]);
+    let service = App::start(&url, mode, &["--introspection-timeout", "500ms"]).await;
     assert_denied(&service, "active-1", 503, UNAVAILABLE, None).await;
 
     let (_idp, service) = start(mode).await;
@@ -315,7 +311,7 @@ async fn redirects_are_not_followed(mode: &'static str) {
     let elsewhere = Idp::start(|_| Reply::jwt("a.b.c")).await;
     let target = elsewhere.url();
     let idp = Idp::start(move |_| Reply::status(307).header("location", &target)).await;
-    let service = Service::start(&idp.url(), mode, &[]);
+    let service = App::start(&idp.url(), mode, &[]).await;
     assert_denied(&service, "active-1", 500, INTERNAL, None).await;
     assert_eq!(idp.calls(), 1);
     assert_eq!(

@@ -237,10 +237,8 @@ async fn redis_hung_by_sigstop_checks_fall_back_within_bound_and_readyz_degrades
             .is_empty())
         .await
     );
-    assert_eq!(
-        readyz_redis(&service).await.1,
-        r#"{"status":"ready","redis":"up"}"#
-    );
+    let (_, body) = readyz_redis(&service).await;
+    assert!(body.contains(r#""status":"ready","redis":"up""#), "{body}");
     assert_eq!(service.metric("phantom_authz_redis_up", &[]).await, 1.0);
 
     let frozen = Frozen::freeze(redis.pid());
@@ -268,7 +266,7 @@ async fn redis_hung_by_sigstop_checks_fall_back_within_bound_and_readyz_degrades
         status, 200,
         "a hung Redis must not make the service unready"
     );
-    assert_eq!(body, r#"{"status":"ready","redis":"degraded"}"#);
+    assert!(body.contains(r#""redis":"degraded""#), "{body}");
     assert_eq!(service.metric("phantom_authz_redis_up", &[]).await, 0.0);
     // Two timeouts in a row mark Redis down; later Checks skip it (until a probe) rather than
     // each paying the command timeout. Every lookup is still counted as an error.
@@ -409,7 +407,10 @@ async fn redis_absent_at_start_is_used_once_it_appears() {
     let (status, body) = readyz_redis(&service).await;
     assert_eq!(
         (status, body.as_str()),
-        (200, r#"{"status":"ready","redis":"degraded"}"#)
+        (
+            200,
+            r#"{"status":"ready","redis":"degraded","evictions":"lost"}"#
+        )
     );
 
     let redis = Redis::start_on(port);
@@ -431,10 +432,8 @@ async fn redis_absent_at_start_is_used_once_it_appears() {
     let (verdict, _) = timed_check(&mut client, bearer_request("after-redis")).await;
     assert_allowed_for(&verdict, "after-redis");
     assert_eq!(idp.calls(), calls, "served from Redis");
-    assert_eq!(
-        readyz_redis(&service).await.1,
-        r#"{"status":"ready","redis":"up"}"#
-    );
+    let (_, body) = readyz_redis(&service).await;
+    assert!(body.contains(r#""status":"ready","redis":"up""#), "{body}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -43,7 +43,10 @@ async fn health_endpoints_and_metrics() {
     assert_eq!(service.admin_get("/healthz").await.0, 200);
     let (status, body) = service.admin_get("/readyz").await;
     assert_eq!(status, 200);
-    assert!(body.contains("\"redis\":\"disabled\""), "{body}");
+    assert!(
+        body.contains(r#""redis":"disabled","evictions":"disabled""#),
+        "{body}"
+    );
 
     let mut client = service.client().await;
     check(&mut client, bearer_request("tok")).await;

@@ -138,6 +138,13 @@ async fn wait_until_listening(service: &Service, times: usize) {
     );
 }
 
+/// The `evictions` field of `/readyz`.
+async fn evictions_state(service: &Service) -> String {
+    let (_, body) = service.admin_get("/readyz").await;
+    let start = body.find(r#""evictions":"#).expect("an evictions field");
+    body[start..].to_owned()
+}
+
 fn bearer(secret: &str) -> String {
     format!("Bearer {secret}")
 }
@@ -373,17 +380,27 @@ async fn the_subscriber_resubscribes_after_redis_restarts() {
     let b = replica(&idp, &redis, None);
     wait_for_subscribers(&redis, 2).await;
     wait_until_listening(&b, 1).await;
+    assert!(evictions_state(&b).await.contains("listening"));
     assert_eq!(status_of(&b, "tok").await, 200);
     assert_eq!(idp.calls(), 1);
 
     redis.kill();
-    // Checks go on without Redis; B keeps its in-process copy meanwhile.
+    // Checks go on without Redis; B keeps its in-process copy meanwhile, and says on /readyz
+    // that it no longer hears of evictions.
     assert_eq!(status_of(&b, "tok").await, 200);
     assert_eq!(idp.calls(), 1);
+    assert!(
+        eventually(Duration::from_secs(15), async || evictions_state(&b)
+            .await
+            .contains("lost"))
+        .await,
+        "/readyz never reported the lost subscription"
+    );
 
     let redis = Redis::start_on(port);
     wait_for_subscribers(&redis, 2).await;
     wait_until_listening(&b, 2).await;
+    assert!(evictions_state(&b).await.contains("listening"));
     // Evictions sent while B was away are lost, so B dropped everything when it came back.
     assert_eq!(status_of(&b, "tok").await, 200);
     assert_eq!(idp.calls(), 2);

@@ -26,7 +26,7 @@ pub(crate) fn cache_secret_file(secrets: &[&str]) -> tempfile::TempPath {
 }
 
 /// The file of [`CACHE_SECRET`], written once per test binary.
-fn shared_cache_secret_file() -> &'static std::path::Path {
+pub(crate) fn shared_cache_secret_file() -> &'static std::path::Path {
     static FILE: std::sync::OnceLock<tempfile::TempPath> = std::sync::OnceLock::new();
     FILE.get_or_init(|| cache_secret_file(&[CACHE_SECRET]))
 }
@@ -156,20 +156,26 @@ impl Service {
 
     /// The value of one metric sample line from `/metrics` (summing matching lines).
     pub(crate) async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let (_, body) = self.admin_get("/metrics").await;
-        body.lines()
-            .filter(|line| !line.starts_with('#'))
-            .filter(|line| {
-                let series = line.split_whitespace().next().unwrap_or_default();
-                let metric = series.split('{').next().unwrap_or_default();
-                metric == name
-                    && labels
-                        .iter()
-                        .all(|(k, v)| series.contains(&format!("{k}=\"{v}\"")))
-            })
-            .filter_map(|line| line.split_whitespace().nth(1)?.parse::<f64>().ok())
-            .sum()
+        metric_at(self.admin, name, labels).await
     }
+}
+
+/// The value of one metric from the `/metrics` of the admin listener at `admin`, summing the
+/// series that carry every label given.
+pub(crate) async fn metric_at(admin: SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let (_, body) = http_get(&format!("http://{admin}/metrics")).await;
+    body.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| {
+            let series = line.split_whitespace().next().unwrap_or_default();
+            let metric = series.split('{').next().unwrap_or_default();
+            metric == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| series.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|line| line.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .sum()
 }
 
 impl Drop for Service {
