@@ -97,7 +97,7 @@ pub struct Awaited {
 }
 
 impl Awaited {
-    /// Waits, at most [`CONFIRM_TIMEOUT`], until `notified` replicas confirmed; returns how
+    /// Waits, at most 2 s, until `notified` replicas confirmed; returns how
     /// many did.
     pub async fn confirmed_by(mut self, notified: u64) -> u64 {
         let _ = tokio::time::timeout(
