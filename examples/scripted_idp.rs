@@ -28,7 +28,18 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use clap::{Parser, ValueEnum};
 
 #[derive(Parser)]
-#[command(about = "Scripted OAuth introspection endpoint (phantom token) for benchmarks")]
+#[command(
+    about = "A scripted stand-in for Curity's introspection endpoint, for trying phantom-authz \
+             out, benchmarks and ops scripts.",
+    after_help = "Tokens, by how they begin:\n  \
+                  inactive…     inactive: 204 (jwt mode) or {\"active\":false} (json mode)\n  \
+                  unavailable…  the IdP fails: 503\n  \
+                  anything else active: after --delay, a JWT of about --jwt-bytes whose sub is \
+                  the token, with Cache-Control: max-age=<--max-age>\n\n\
+                  Every POST needs some Authorization: Basic credential (any) and a form body \
+                  token=…; GET /stats reports `calls <n>` and `connections <n>`. It prints \
+                  `listening <addr>` once it accepts connections."
+)]
 struct Args {
     /// Address to listen on (port 0 picks a free one).
     #[arg(long, default_value = "127.0.0.1:0")]

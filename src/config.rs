@@ -146,7 +146,7 @@ impl fmt::Debug for RedisConfig {
 /// A URL with any userinfo (`user:password@`) replaced by `***@`: everything between `://` and
 /// the last `@`, so that a password holding `/`, `?`, `#` or `@` is masked whole. An `@` later
 /// in the URL masks more than needed, never less.
-fn masked_url(url: &str) -> String {
+pub(crate) fn masked_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return "***".to_string();
     };

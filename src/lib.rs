@@ -15,7 +15,8 @@
 //! [`config`] and runs the listeners; [`admin`] serves the operators' gRPC API (token eviction),
 //! whose notices travel between replicas as [`cache::evictions`]; [`metrics`] names every metric
 //! the service records; [`telemetry`] exports OpenTelemetry spans of each Check when
-//! `--otlp-endpoint` is given; [`reflection`] describes the gRPC APIs to tools like `grpcurl`.
+//! `--otlp-endpoint` is given; [`reflection`] describes the gRPC APIs to tools like `grpcurl`;
+//! [`probe`] is `phantom-authz check`, a client that sends one Check and shows the answer.
 
 pub mod admin;
 pub mod app;
@@ -26,6 +27,7 @@ pub mod decision;
 pub mod introspection;
 pub mod jwt;
 pub mod metrics;
+pub mod probe;
 pub mod reflection;
 pub mod server;
 pub mod telemetry;

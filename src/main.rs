@@ -6,18 +6,24 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 
+use clap::Parser as _;
 use phantom_authz::app::App;
 use phantom_authz::config::load::{self, LoadError};
 use phantom_authz::config::{Config, LogFormat};
+use phantom_authz::probe;
 use phantom_authz::telemetry::{self, Telemetry};
 
 fn main() -> ExitCode {
     let mut argv: Vec<OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|arg| arg == "check") {
+        argv.remove(1);
+        return probe::run(probe::CheckArgs::parse_from(argv));
+    }
     let check_only = argv.get(1).is_some_and(|arg| arg == "check-config");
     if check_only {
         argv.remove(1);
     }
-    let config = match load_config(argv) {
+    let config = match load_config(argv.clone()) {
         Ok(config) => config,
         // `--help`, `--version` and flag syntax: clap prints them and picks the status (2).
         Err(LoadError::Flags(error)) => error.exit(),
@@ -40,10 +46,7 @@ fn main() -> ExitCode {
     if check_only {
         // Building is everything start-up does short of binding: every file read, every client.
         return match runtime.block_on(async { App::build(&config) }) {
-            Ok(_) => {
-                println!("configuration OK\n{config:#?}");
-                ExitCode::SUCCESS
-            }
+            Ok(_) => print_settings(argv),
             Err(error) => configuration_error(&error),
         };
     }
@@ -67,13 +70,13 @@ fn main() -> ExitCode {
     runtime.shutdown_background();
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // Logging is up by now: the reason goes out once, in the log's format.
         Err(Failure::Configuration(error)) => {
             tracing::error!("configuration error: {error:#}");
-            configuration_error(&error)
+            ExitCode::from(2)
         }
         Err(Failure::Serving(error)) => {
             tracing::error!("{error:#}");
-            eprintln!("phantom-authz: {error:#}");
             ExitCode::FAILURE
         }
     }
@@ -108,6 +111,26 @@ async fn serve(config: Config) -> Result<(), Failure> {
 fn configuration_error(error: &dyn std::fmt::Display) -> ExitCode {
     eprintln!("phantom-authz: configuration error: {error:#}");
     ExitCode::from(2)
+}
+
+/// `check-config`'s report: the effective settings as a `--config` file, secrets masked.
+fn print_settings(argv: Vec<OsString>) -> ExitCode {
+    let settings = match load::settings(argv, &|name| std::env::var_os(name), &|path| {
+        std::fs::read_to_string(path)
+    }) {
+        Ok(settings) => settings,
+        Err(error) => return configuration_error(&error),
+    };
+    println!(
+        "# phantom-authz check-config: configuration OK (every file read, every client built)"
+    );
+    println!("# The effective settings as a --config file; fill in the values shown as ***.");
+    for (name, value) in settings {
+        // A JSON string is a valid TOML basic string.
+        let value = serde_json::Value::String(value);
+        println!("{name} = {value}");
+    }
+    ExitCode::SUCCESS
 }
 
 /// Flags, environment, then `--config`'s file beneath both; validated.

@@ -21,8 +21,10 @@ use clap::{Parser, ValueEnum};
                   (--redis-url: PHANTOM_AUTHZ_REDIS_URL); flags win over the environment, which \
                   wins over --config's file.\n\n\
                   `phantom-authz check-config [FLAGS]` validates the configuration, reads every \
-                  file it names, builds every client, prints the effective settings with secrets \
-                  masked and exits (2 on any problem)."
+                  file it names, builds every client, prints the effective settings as a \
+                  --config file with secrets masked and exits (2 on any problem).\n\n\
+                  `phantom-authz check --target HOST:PORT --token TOKEN` sends one Check to a \
+                  running service and shows the answer (`phantom-authz check --help`)."
 )]
 pub struct Args {
     /// TOML file of settings, keyed by flag name without the dashes

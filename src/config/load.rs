@@ -41,6 +41,51 @@ pub fn load(
     env: &dyn Fn(&str) -> Option<OsString>,
     read: &dyn Fn(&Path) -> std::io::Result<String>,
 ) -> Result<Config, LoadError> {
+    let merged = merge(argv, env, read)?;
+    Ok(Config::from_args(Args::try_parse_from(merged)?)?)
+}
+
+/// The effective settings, keyed by flag name without the dashes, as a `--config` file would
+/// give them: defaults included, unset options left out, secrets replaced by `***` (and a
+/// URL's credentials by `***@`). Saved, with the secrets filled back in, it is a config file.
+pub fn settings(
+    argv: Vec<OsString>,
+    env: &dyn Fn(&str) -> Option<OsString>,
+    read: &dyn Fn(&Path) -> std::io::Result<String>,
+) -> Result<Vec<(String, String)>, LoadError> {
+    let matches = Args::command().try_get_matches_from(merge(argv, env, read)?)?;
+    let mut settings = Vec::new();
+    for arg in Args::command().get_arguments() {
+        let (Some(long), id) = (arg.get_long(), arg.get_id().as_str()) else {
+            continue;
+        };
+        if long == "config" {
+            continue;
+        }
+        let Some(mut values) = matches.get_raw(id) else {
+            continue;
+        };
+        let Some(value) = values.next_back() else {
+            continue;
+        };
+        let value = value.to_string_lossy();
+        let shown = match long {
+            "client-secret" => "***".to_owned(),
+            "redis-url" | "idp-proxy" => super::masked_url(&value),
+            _ => value.into_owned(),
+        };
+        settings.push((long.to_owned(), shown));
+    }
+    Ok(settings)
+}
+
+/// The command line with the file's flags and the environment's before it, in that order:
+/// later occurrences win.
+fn merge(
+    argv: Vec<OsString>,
+    env: &dyn Fn(&str) -> Option<OsString>,
+    read: &dyn Fn(&Path) -> std::io::Result<String>,
+) -> Result<Vec<OsString>, LoadError> {
     let mut argv = argv.into_iter();
     let program = argv.next().unwrap_or_else(|| "phantom-authz".into());
     let command_line: Vec<OsString> = argv.collect();
@@ -60,17 +105,11 @@ pub fn load(
             file_args(&text)?
         }
     };
-    let args = if from_file.is_empty() {
-        first
-    } else {
-        Args::try_parse_from(
-            std::iter::once(program)
-                .chain(from_file.into_iter().map(OsString::from))
-                .chain(from_env)
-                .chain(command_line),
-        )?
-    };
-    Ok(Config::from_args(args)?)
+    Ok(std::iter::once(program)
+        .chain(from_file.into_iter().map(OsString::from))
+        .chain(from_env)
+        .chain(command_line)
+        .collect())
 }
 
 /// Every flag set in the environment, as `--flag=value`; empty variables count as unset.

@@ -6,6 +6,7 @@ mod cache;
 mod decisions;
 mod faults;
 mod operations;
+mod probe;
 mod properties;
 mod revocation;
 mod support;

@@ -411,6 +411,13 @@ fn bad_configuration_exits_2_naming_the_flag() {
         );
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
+    // A file that cannot be read at start-up: exit 2 and one line saying so, not two.
+    let (code, stderr) = run_binary(
+        &[&base[..], &["--client-secret-file", "/nonexistent/secret"]].concat(),
+        &[],
+    );
+    assert_eq!(code, 2, "{stderr}");
+    assert_eq!(stderr.matches("cannot read").count(), 1, "{stderr}");
     // Environment variables work as flags do.
     let (code, stderr) = run_binary(
         &[],
@@ -572,6 +579,62 @@ fn check_config_validates_and_prints_with_secrets_masked() {
         stderr.contains("--config") && stderr.contains("introspection_url"),
         "{stderr}"
     );
+}
+
+#[test]
+fn check_config_prints_a_config_file_that_loads_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache_secret = dir.path().join("cache-secret");
+    std::fs::write(&cache_secret, format!("{CACHE_SECRET}\n")).unwrap();
+    let (code, printed, stderr) = check_config(&[
+        "--introspection-url",
+        "https://idp.example/introspect",
+        "--client-id",
+        "gw",
+        "--client-secret",
+        "hunter2-secret",
+        "--redis-url",
+        "redis://:redis-password@cache:6379/0",
+        "--cache-secret-file",
+        cache_secret.to_str().unwrap(),
+        "--local-cache-ttl",
+        "3s",
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(printed.contains("client-secret = \"***\""), "{printed}");
+    assert!(printed.contains("local-cache-ttl = \"3s\""), "{printed}");
+    assert!(printed.contains("max-cache-ttl = \"5m\""), "{printed}");
+    assert!(
+        !printed.contains("hunter2") && !printed.contains("redis-password"),
+        "{printed}"
+    );
+    // With the secrets filled back in, the report is a config file giving the same settings.
+    let file = dir.path().join("phantom-authz.toml");
+    let filled = printed
+        .replace(
+            "client-secret = \"***\"",
+            "client-secret = \"hunter2-secret\"",
+        )
+        .replace("redis://***@", "redis://:redis-password@");
+    std::fs::write(&file, &filled).unwrap();
+    let (code, again, stderr) = check_config(&["--config", file.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(again, printed);
+}
+
+/// Runs `check-config` with `args` and an empty environment: exit code, stdout, stderr.
+fn check_config(args: &[&str]) -> (Option<i32>, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_phantom-authz"))
+        .arg("check-config")
+        .args(args)
+        .env_clear()
+        .output()
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 #[test]
