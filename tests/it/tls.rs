@@ -201,6 +201,35 @@ async fn grpc_listener_speaks_tls_and_requires_client_certificates() {
         Ok(mut client) => client.check(bearer_request("tok")).await.is_err(),
     };
     assert!(plaintext, "a plaintext client was answered");
+
+    // `phantom-authz check` speaks mTLS with the same files, and exits 2 when refused.
+    let probe = async |identity: &[&str]| {
+        let target = format!("127.0.0.1:{}", service.grpc.port());
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_phantom-authz"))
+            .args(["check", "--target", &target, "--token", "tok"])
+            .args([
+                "--tls-ca",
+                &pki.arg("ca.pem"),
+                "--tls-server-name",
+                "localhost",
+            ])
+            .args(identity)
+            .env_clear()
+            .output()
+            .await
+            .unwrap()
+    };
+    let identity = [
+        "--tls-cert",
+        &pki.arg("client.pem"),
+        "--tls-key",
+        &pki.arg("client.key"),
+    ];
+    let output = probe(&identity).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{stdout}");
+    assert!(stdout.starts_with("allow"), "{stdout}");
+    assert_eq!(probe(&[]).await.status.code(), Some(2));
 }
 
 const ADMIN_SECRET: &str = "admin-Secret-0123456789abcdef";
