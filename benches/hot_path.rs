@@ -13,7 +13,7 @@ use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
 
-use phantom_authz::cache::bearer;
+use phantom_authz::cache::Grant;
 use phantom_authz::cache::local::LocalCache;
 use phantom_authz::decision::{AllowedJwt, Outcome, Responder};
 use phantom_authz::token::{CacheKey, bearer_token, parse_bearer};
@@ -113,7 +113,7 @@ fn cache_key(c: &mut Criterion) {
 
 fn respond(c: &mut Criterion) {
     let responder = Responder::new("api");
-    let allow = Outcome::Allow(AllowedJwt(bearer(&jwt_1k())));
+    let allow = Outcome::Allow(AllowedJwt(Grant::new(&jwt_1k(), Default::default())));
     c.bench_function("Responder::respond/allow_1k_jwt", |b| {
         b.iter(|| responder.respond(black_box(&allow)))
     });
@@ -127,7 +127,11 @@ fn local_cache_hit(c: &mut Criterion) {
     // A realistically full map: the probe competes with 100k other entries.
     for i in 0..100_000 {
         let key = key_of(&format!("Bearer {TOKEN}{i}"));
-        cache.put(key, bearer(&jwt_1k()), Duration::from_secs(3600));
+        cache.put(
+            key,
+            Grant::new(&jwt_1k(), Default::default()),
+            Duration::from_secs(3600),
+        );
     }
     let key = key_of(&format!("Bearer {TOKEN}42"));
     c.bench_function("LocalCache::get/hit", |b| {

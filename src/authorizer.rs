@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use tracing::Instrument as _;
 
 use crate::cache::local::{Generation, LocalCache};
-use crate::cache::{Authorization, CacheError, CachedJwt, Eviction, SharedCache, bearer, now_ms};
+use crate::cache::{CacheError, CachedJwt, Eviction, Grant, SharedCache, now_ms};
 use crate::decision::{AllowedJwt, Outcome};
 use crate::introspection::{ActiveToken, CacheDirective, IdpError, Introspect, Introspected};
 use crate::metrics::{self, Lookup, Tier};
@@ -46,8 +46,8 @@ type Answer = watch::Receiver<Option<Outcome>>;
 
 /// Answers Checks for tokens: owns the cache tiers and the identity server client.
 pub struct Authorizer {
-    local: Option<LocalCache>,
-    inactive: Option<LocalCache>,
+    local: Option<LocalCache<Arc<Grant>>>,
+    inactive: Option<LocalCache<()>>,
     shared: Option<Arc<dyn SharedCache>>,
     idp: Arc<dyn Introspect>,
     ttls: Ttls,
@@ -56,7 +56,7 @@ pub struct Authorizer {
 
 impl Authorizer {
     pub fn new(
-        local: Option<LocalCache>,
+        local: Option<LocalCache<Arc<Grant>>>,
         shared: Option<Arc<dyn SharedCache>>,
         idp: Arc<dyn Introspect>,
         ttls: Ttls,
@@ -80,9 +80,9 @@ impl Authorizer {
         let key = CacheKey::of(token);
         if let Some(local) = &self.local {
             let span = telemetry::cache_span(Tier::Local);
-            if let Some(authorization) = span.in_scope(|| local.get(&key)) {
+            if let Some(grant) = span.in_scope(|| local.get(&key)) {
                 looked_up(&span, Tier::Local, Lookup::Hit);
-                return Outcome::Allow(AllowedJwt(authorization));
+                return Outcome::Allow(AllowedJwt(grant));
             }
             looked_up(&span, Tier::Local, Lookup::Miss);
         }
@@ -149,7 +149,7 @@ impl Authorizer {
                 Ok(Some(entry)) => {
                     looked_up(&span, Tier::Redis, Lookup::Hit);
                     self.remember_locally(since, key, &entry);
-                    return Outcome::Allow(AllowedJwt(entry.authorization));
+                    return Outcome::Allow(AllowedJwt(entry.grant));
                 }
                 Ok(None) => looked_up(&span, Tier::Redis, Lookup::Miss),
                 Err(CacheError::Corrupt) => {
@@ -182,7 +182,7 @@ impl Authorizer {
             Ok(Introspected::Active(active)) => self.admit(since, key, token, active),
             Ok(Introspected::Inactive) => {
                 if let Some(inactive) = &self.inactive {
-                    inactive.put(key, Authorization::from(""), self.ttls.inactive);
+                    inactive.put(key, (), self.ttls.inactive);
                 }
                 Outcome::Inactive
             }
@@ -207,7 +207,7 @@ impl Authorizer {
             return Outcome::ExpiredJwt;
         };
         let entry = CachedJwt {
-            authorization: bearer(&active.jwt),
+            grant: Grant::new(&active.jwt, active.claims),
             expires_at_ms: now_ms.saturating_add(ttl.as_millis() as u64),
         };
         if !ttl.is_zero() {
@@ -223,7 +223,7 @@ impl Authorizer {
                 });
             }
         }
-        Outcome::Allow(AllowedJwt(entry.authorization))
+        Outcome::Allow(AllowedJwt(entry.grant))
     }
 
     /// Keeps an entry in process unless an eviction came after `since`; returns false when one
@@ -244,11 +244,10 @@ impl Authorizer {
         };
         match since {
             Some(since) => {
-                local.put_since(since, key, entry.authorization.clone(), ttl)
-                    || local.generation() == since
+                local.put_since(since, key, entry.grant.clone(), ttl) || local.generation() == since
             }
             None => {
-                local.put(key, entry.authorization.clone(), ttl);
+                local.put(key, entry.grant.clone(), ttl);
                 true
             }
         }
@@ -407,6 +406,7 @@ mod tests {
         ActiveToken {
             jwt: "h.p.s".into(),
             jwt_exp,
+            claims: Default::default(),
             response_exp: None,
             cache,
         }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::BoxFuture;
+use crate::jwt::Claims;
 use crate::token::{CacheKey, Token};
 
 /// The `Authorization` value forwarded upstream, `Bearer <JWT>`, built once per cache entry and
@@ -24,21 +25,46 @@ pub fn bearer(jwt: &str) -> Authorization {
     value.into()
 }
 
-/// A cached allow: the forwarded `Authorization` value and when the entry dies.
+/// What an active token is granted: the `Authorization` value forwarded upstream and the
+/// claims routes are checked against, built once per introspection and shared by every Check
+/// that finds it in a cache.
 #[derive(Clone, PartialEq, Eq)]
-pub struct CachedJwt {
+pub struct Grant {
     pub authorization: Authorization,
-    /// Milliseconds since the epoch after which the entry must not be used.
-    pub expires_at_ms: u64,
+    pub claims: Claims,
 }
 
-impl std::fmt::Debug for CachedJwt {
+impl Grant {
+    pub fn new(jwt: &str, claims: Claims) -> Arc<Grant> {
+        Arc::new(Grant {
+            authorization: bearer(jwt),
+            claims,
+        })
+    }
+}
+
+impl std::fmt::Debug for Grant {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CachedJwt")
-            .field("len", &self.authorization.len())
-            .field("expires_at_ms", &self.expires_at_ms)
+        // Claims name the caller; the JWT is a credential: only its length is shown.
+        f.debug_struct("Grant")
+            .field("authorization_len", &self.authorization.len())
+            .field("scopes", &self.claims.scopes.len())
             .finish()
     }
+}
+
+impl local::Weigh for Arc<Grant> {
+    fn weight(&self) -> u64 {
+        (self.authorization.len() + self.claims.weight()) as u64
+    }
+}
+
+/// A cached allow: the grant and when the entry dies.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CachedJwt {
+    pub grant: Arc<Grant>,
+    /// Milliseconds since the epoch after which the entry must not be used.
+    pub expires_at_ms: u64,
 }
 
 impl CachedJwt {

@@ -13,13 +13,15 @@ use envoy_types::pb::envoy::r#type::v3::{HttpStatus, StatusCode};
 use envoy_types::pb::google::rpc::Status;
 use tonic::Code;
 
-use crate::cache::Authorization;
+use std::sync::Arc;
+
+use crate::cache::Grant;
 use crate::token::TokenProblem;
 
 /// Everything a Check can end in.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// Forward the request with this `Authorization` value.
+    /// Forward the request with the grant's `Authorization` value.
     Allow(AllowedJwt),
     /// No `Authorization` header, another scheme, or an empty token.
     NoToken,
@@ -43,11 +45,11 @@ pub enum Outcome {
 
 /// The forwarded value, with a redacting `Debug`.
 #[derive(Clone, PartialEq, Eq)]
-pub struct AllowedJwt(pub Authorization);
+pub struct AllowedJwt(pub Arc<Grant>);
 
 impl std::fmt::Debug for AllowedJwt {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "AllowedJwt(len={})", self.0.len())
+        write!(f, "AllowedJwt(len={})", self.0.authorization.len())
     }
 }
 
@@ -213,8 +215,11 @@ impl Responder {
     pub fn respond(&self, outcome: &Outcome) -> CheckResponse {
         let row = outcome.row();
         let http_response = match outcome {
-            Outcome::Allow(AllowedJwt(authorization)) => HttpResponse::OkResponse(OkHttpResponse {
-                headers: vec![overwrite("authorization", String::from(&**authorization))],
+            Outcome::Allow(AllowedJwt(grant)) => HttpResponse::OkResponse(OkHttpResponse {
+                headers: vec![overwrite(
+                    "authorization",
+                    String::from(&*grant.authorization),
+                )],
                 ..Default::default()
             }),
             _ => {
@@ -263,7 +268,6 @@ fn overwrite(key: &str, value: String) -> HeaderValueOption {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::bearer;
 
     fn challenge(response: &CheckResponse) -> Option<String> {
         match response.http_response.as_ref().unwrap() {
@@ -286,7 +290,10 @@ mod tests {
     #[test]
     fn allow_overwrites_authorization() {
         let responder = Responder::new("api");
-        let response = responder.respond(&Outcome::Allow(AllowedJwt(bearer("a.b.c"))));
+        let response = responder.respond(&Outcome::Allow(AllowedJwt(Grant::new(
+            "a.b.c",
+            Default::default(),
+        ))));
         assert_eq!(response.status.unwrap().code, Code::Ok as i32);
         let HttpResponse::OkResponse(ok) = response.http_response.unwrap() else {
             panic!("expected an ok response");
@@ -362,7 +369,10 @@ mod tests {
 
     #[test]
     fn debug_hides_the_jwt() {
-        let outcome = Outcome::Allow(AllowedJwt(bearer("eyJhbGciOi.secret.sig")));
+        let outcome = Outcome::Allow(AllowedJwt(Grant::new(
+            "eyJhbGciOi.secret.sig",
+            Default::default(),
+        )));
         assert!(!format!("{outcome:?}").contains("secret"));
     }
 }

@@ -11,7 +11,7 @@ use reqwest::header::{ACCEPT, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, Header
 
 use crate::BoxFuture;
 use crate::config::{IntrospectionMode, ProxyUrl, Secret};
-use crate::jwt;
+use crate::jwt::{self, Claims};
 use crate::metrics;
 use crate::token::Token;
 
@@ -36,6 +36,9 @@ pub struct ActiveToken {
     pub jwt: String,
     /// The JWT's own `exp`, in seconds since the epoch.
     pub jwt_exp: Option<u64>,
+    /// Who the caller is and what the token may do (the JWT's claims; in json mode with the
+    /// response's `scope`, `sub` and `client_id` too).
+    pub claims: Claims,
     /// The JSON response's `exp` (json mode), in seconds since the epoch.
     pub response_exp: Option<u64>,
     /// What `Cache-Control` said.
@@ -339,10 +342,11 @@ pub fn parse_jwt_body(body: &[u8], cache: CacheDirective) -> Result<Introspected
     let text = std::str::from_utf8(body)
         .map_err(|_| IdpError::BadResponse("body is not a compact JWT"))?
         .trim_ascii();
-    let jwt_exp = jwt_exp(text)?;
+    let claims = jwt_claims(text)?;
     Ok(Introspected::Active(ActiveToken {
         jwt: text.to_owned(),
-        jwt_exp,
+        jwt_exp: claims.exp,
+        claims,
         response_exp: None,
         cache,
     }))
@@ -370,11 +374,28 @@ pub fn parse_json_body(body: &[u8], cache: CacheDirective) -> Result<Introspecte
         .ok_or(IdpError::BadResponse(
             "active response without a `jwt` string",
         ))?;
-    let jwt_exp = jwt_exp(jwt)?;
+    let mut claims = jwt_claims(jwt)?;
     let response_exp = response.get("exp").map(numeric_date).transpose()?;
+    // Read leniently, as the JWT's claims are: a field of another type is left out.
+    let text = |name: &str| response.get(name).and_then(serde_json::Value::as_str);
+    if let Some(scope) = text("scope") {
+        claims.add_scopes(scope);
+    }
+    for (field, claim) in [
+        ("sub", &mut claims.sub),
+        ("client_id", &mut claims.client_id),
+    ] {
+        if claim.is_none()
+            && let Some(value) =
+                text(field).filter(|v| !v.is_empty() && v.len() <= jwt::MAX_VALUE_LEN)
+        {
+            *claim = Some(value.into());
+        }
+    }
     Ok(Introspected::Active(ActiveToken {
         jwt: jwt.to_owned(),
-        jwt_exp,
+        jwt_exp: claims.exp,
+        claims,
         response_exp,
         cache,
     }))
@@ -383,6 +404,10 @@ pub fn parse_json_body(body: &[u8], cache: CacheDirective) -> Result<Introspecte
 /// Checks the compact JWS shape and returns the payload's `exp` (see [`crate::jwt`]).
 pub fn jwt_exp(jwt: &str) -> Result<Option<u64>, IdpError> {
     jwt::exp(jwt).map_err(|malformed| IdpError::BadResponse(malformed.0))
+}
+
+fn jwt_claims(jwt: &str) -> Result<Claims, IdpError> {
+    jwt::claims(jwt).map_err(|malformed| IdpError::BadResponse(malformed.0))
 }
 
 /// An RFC 7519 NumericDate in the response itself (json mode's `exp`).

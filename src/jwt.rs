@@ -15,9 +15,76 @@ pub struct Malformed(pub &'static str);
 
 const NOT_A_JWT: Malformed = Malformed("not a compact JWT");
 
+/// What a JWT says about its caller that routes and Envoy use. Bounded: at most
+/// [`MAX_LISTED`] scopes and audiences, and no value over [`MAX_VALUE_LEN`] bytes is kept.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Claims {
+    /// `exp`, in seconds since the epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exp: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub: Option<Box<str>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<Box<str>>,
+    /// From `scope` (space-separated) and `scp` (an array, or a string).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<Box<str>>,
+    /// From `aud` (a string or an array).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub audiences: Vec<Box<str>>,
+}
+
+/// Most scopes, and most audiences, one token may carry.
+pub const MAX_LISTED: usize = 256;
+/// Longest scope, audience, subject or client id kept.
+pub const MAX_VALUE_LEN: usize = 1024;
+
+impl Claims {
+    /// Whether the token holds `scope`.
+    pub fn has_scope(&self, scope: &str) -> bool {
+        self.scopes.iter().any(|held| &**held == scope)
+    }
+
+    /// Whether the token is meant for `audience`.
+    pub fn has_audience(&self, audience: &str) -> bool {
+        self.audiences.iter().any(|held| &**held == audience)
+    }
+
+    /// Adds space-separated scopes not already held (json mode's response `scope`).
+    pub fn add_scopes(&mut self, scopes: &str) {
+        for scope in scopes.split(' ').filter_map(bounded) {
+            if self.scopes.len() < MAX_LISTED && !self.has_scope(&scope) {
+                self.scopes.push(scope);
+            }
+        }
+    }
+
+    /// Bytes held, for cache accounting.
+    pub fn weight(&self) -> usize {
+        let strings = self
+            .scopes
+            .iter()
+            .chain(&self.audiences)
+            .map(|s| s.len() + 16);
+        strings.sum::<usize>()
+            + self.sub.as_ref().map_or(0, |s| s.len())
+            + self.client_id.as_ref().map_or(0, |s| s.len())
+    }
+}
+
+/// A value worth keeping: not empty, not over [`MAX_VALUE_LEN`].
+fn bounded(value: &str) -> Option<Box<str>> {
+    (!value.is_empty() && value.len() <= MAX_VALUE_LEN).then(|| value.into())
+}
+
 /// Checks the compact JWS shape (three non-empty base64url parts, a JSON object payload) and
 /// returns the payload's `exp`, in seconds since the epoch.
 pub fn exp(jwt: &str) -> Result<Option<u64>, Malformed> {
+    claims(jwt).map(|claims| claims.exp)
+}
+
+/// Checks the compact JWS shape and reads the claims phantom-authz uses.
+pub fn claims(jwt: &str) -> Result<Claims, Malformed> {
     let mut parts = jwt.split('.');
     let (Some(header), Some(payload), Some(signature), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -34,9 +101,40 @@ pub fn exp(jwt: &str) -> Result<Option<u64>, Malformed> {
         return Err(NOT_A_JWT);
     }
     let payload = URL_SAFE_NO_PAD.decode(payload).map_err(|_| NOT_A_JWT)?;
-    let claims: serde_json::Value = serde_json::from_slice(&payload).map_err(|_| NOT_A_JWT)?;
-    let claims = claims.as_object().ok_or(NOT_A_JWT)?;
-    claims.get("exp").map(numeric_date).transpose()
+    let payload: serde_json::Value = serde_json::from_slice(&payload).map_err(|_| NOT_A_JWT)?;
+    let payload = payload.as_object().ok_or(NOT_A_JWT)?;
+    // Only `exp` must be well-formed: it bounds how long the JWT is handed out. The others are
+    // read leniently: a value of another type, or past the bounds, is left out, which can only
+    // ever deny a route that requires it, never open one.
+    let string = |name: &str| match payload.get(name) {
+        Some(serde_json::Value::String(value)) => bounded(value),
+        _ => None,
+    };
+    let list = |name: &str| -> Vec<Box<str>> {
+        let items: Vec<&str> = match payload.get(name) {
+            Some(serde_json::Value::String(value)) => vec![value.as_str()],
+            Some(serde_json::Value::Array(items)) => {
+                items.iter().filter_map(serde_json::Value::as_str).collect()
+            }
+            _ => Vec::new(),
+        };
+        items
+            .into_iter()
+            .filter_map(bounded)
+            .take(MAX_LISTED)
+            .collect()
+    };
+    let mut claims = Claims {
+        exp: payload.get("exp").map(numeric_date).transpose()?,
+        sub: string("sub"),
+        client_id: string("client_id"),
+        scopes: list("scp"),
+        audiences: list("aud"),
+    };
+    if let Some(scope) = string("scope") {
+        claims.add_scopes(&scope);
+    }
+    Ok(claims)
 }
 
 /// An RFC 7519 NumericDate: seconds since the epoch, possibly fractional, rounded down (never
@@ -47,4 +145,62 @@ pub fn numeric_date(value: &serde_json::Value) -> Result<u64, Malformed> {
         .filter(|s| s.is_finite() && *s >= 0.0)
         .ok_or(Malformed("`exp` is not a NumericDate"))?;
     Ok(seconds.floor() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jwt(payload: &str) -> String {
+        format!(
+            "{}.{}.c2ln",
+            URL_SAFE_NO_PAD.encode(r#"{"alg":"RS256"}"#),
+            URL_SAFE_NO_PAD.encode(payload)
+        )
+    }
+
+    #[test]
+    fn scopes_come_from_scope_and_scp_and_audiences_from_aud() {
+        let claims = claims(&jwt(
+            r#"{"sub":"alice","client_id":"web","scope":"read write","scp":["admin","read"],
+                "aud":["api","other"],"exp":2000000000}"#,
+        ))
+        .unwrap();
+        assert_eq!(claims.sub.as_deref(), Some("alice"));
+        assert_eq!(claims.client_id.as_deref(), Some("web"));
+        assert_eq!(claims.exp, Some(2_000_000_000));
+        for scope in ["read", "write", "admin"] {
+            assert!(claims.has_scope(scope), "{scope}");
+        }
+        assert_eq!(claims.scopes.len(), 3, "no duplicates");
+        assert!(claims.has_audience("api") && claims.has_audience("other"));
+        let single = claims_of(r#"{"aud":"api","scp":"one"}"#);
+        assert!(single.has_audience("api") && single.has_scope("one"));
+        let none = claims_of(r#"{}"#);
+        assert_eq!(none, Claims::default());
+    }
+
+    fn claims_of(payload: &str) -> Claims {
+        claims(&jwt(payload)).unwrap()
+    }
+
+    #[test]
+    fn misshapen_claims_are_left_out_and_only_exp_must_be_well_formed() {
+        for payload in [
+            r#"{"sub":42}"#,
+            r#"{"aud":[1]}"#,
+            r#"{"scp":{"a":1}}"#,
+            r#"{"scope":["a"]}"#,
+        ] {
+            assert_eq!(claims_of(payload), Claims::default(), "{payload}");
+        }
+        assert!(claims(&jwt(r#"{"exp":"soon"}"#)).is_err());
+        let long = "x".repeat(MAX_VALUE_LEN + 1);
+        let kept = claims_of(&format!(r#"{{"sub":"{long}","aud":["{long}","api"]}}"#));
+        assert_eq!(kept.sub, None);
+        assert_eq!(kept.audiences, vec![Box::from("api")]);
+        let many: Vec<String> = (0..MAX_LISTED + 5).map(|n| format!("\"s{n}\"")).collect();
+        let capped = claims_of(&format!(r#"{{"scp":[{}]}}"#, many.join(",")));
+        assert_eq!(capped.scopes.len(), MAX_LISTED);
+    }
 }

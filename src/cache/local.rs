@@ -1,4 +1,5 @@
-//! The in-process tier: a bounded map from token digest to the forwarded `Authorization` value.
+//! The in-process tier: a bounded map from token digest to what was decided for the token (a
+//! grant, or nothing but the fact that it is inactive).
 //!
 //! Bounded by entries and by bytes. When full it first drops expired entries, then an eighth of
 //! the rest; keys are SHA-256 digests, so the map's iteration order is effectively random and
@@ -9,15 +10,14 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::Authorization;
 use crate::metrics;
 use crate::token::CacheKey;
 
 /// Bytes counted per entry on top of the value: key, map slot and allocation headers.
 const ENTRY_OVERHEAD: u64 = 96;
 
-pub struct LocalCache {
-    inner: Mutex<Inner>,
+pub struct LocalCache<V> {
+    inner: Mutex<Inner<V>>,
     max_entries: usize,
     max_bytes: u64,
     /// Whether this instance is the one the size gauges describe.
@@ -29,18 +29,18 @@ pub struct LocalCache {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Generation(u64);
 
-struct Inner {
-    map: HashMap<CacheKey, Entry, DigestHash>,
+struct Inner<V> {
+    map: HashMap<CacheKey, Entry<V>, DigestHash>,
     bytes: u64,
     generation: u64,
 }
 
-struct Entry {
-    authorization: Authorization,
+struct Entry<V> {
+    value: V,
     expires: Instant,
 }
 
-impl LocalCache {
+impl<V: Clone + Weigh> LocalCache<V> {
     pub fn new(max_entries: usize, max_bytes: u64) -> Self {
         Self {
             inner: Mutex::new(Inner {
@@ -72,45 +72,33 @@ impl LocalCache {
     }
 
     /// The live entry for `key`, if any.
-    pub fn get(&self, key: &CacheKey) -> Option<Authorization> {
+    pub fn get(&self, key: &CacheKey) -> Option<V> {
         let now = Instant::now();
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let entry = inner.map.get(key)?;
         if entry.expires > now {
-            return Some(entry.authorization.clone());
+            return Some(entry.value.clone());
         }
         inner.remove(key);
         None
     }
 
-    /// Stores `authorization` for at most `ttl`. A zero TTL stores nothing.
-    pub fn put(&self, key: CacheKey, authorization: Authorization, ttl: Duration) {
-        self.store(None, key, authorization, ttl);
+    /// Stores `value` for at most `ttl`. A zero TTL stores nothing.
+    pub fn put(&self, key: CacheKey, value: V, ttl: Duration) {
+        self.store(None, key, value, ttl);
     }
 
     /// Stores like [`LocalCache::put`], unless an eviction happened after `since` was read:
     /// then the value may predate it and is dropped. Returns whether it was stored.
-    pub fn put_since(
-        &self,
-        since: Generation,
-        key: CacheKey,
-        authorization: Authorization,
-        ttl: Duration,
-    ) -> bool {
-        self.store(Some(since), key, authorization, ttl)
+    pub fn put_since(&self, since: Generation, key: CacheKey, value: V, ttl: Duration) -> bool {
+        self.store(Some(since), key, value, ttl)
     }
 
-    fn store(
-        &self,
-        since: Option<Generation>,
-        key: CacheKey,
-        authorization: Authorization,
-        ttl: Duration,
-    ) -> bool {
+    fn store(&self, since: Option<Generation>, key: CacheKey, value: V, ttl: Duration) -> bool {
         if ttl.is_zero() {
             return false;
         }
-        let size = entry_size(&authorization);
+        let size = entry_size(&value);
         if size > self.max_bytes {
             return false;
         }
@@ -128,13 +116,7 @@ impl LocalCache {
             inner.make_room(now, self.max_entries, self.max_bytes);
         }
         inner.bytes += size;
-        inner.map.insert(
-            key,
-            Entry {
-                authorization,
-                expires,
-            },
-        );
+        inner.map.insert(key, Entry { value, expires });
         self.report(&inner);
         true
     }
@@ -156,7 +138,7 @@ impl LocalCache {
         self.report(&inner);
     }
 
-    fn report(&self, inner: &Inner) {
+    fn report(&self, inner: &Inner<V>) {
         if self.gauges {
             metrics::local_cache_size(inner.map.len(), inner.bytes);
         }
@@ -169,10 +151,10 @@ impl LocalCache {
     }
 }
 
-impl Inner {
+impl<V: Weigh> Inner<V> {
     fn remove(&mut self, key: &CacheKey) {
         if let Some(old) = self.map.remove(key) {
-            self.bytes -= entry_size(&old.authorization);
+            self.bytes -= entry_size(&old.value);
         }
     }
 
@@ -182,7 +164,7 @@ impl Inner {
         self.map.retain(|_, entry| {
             let keep = entry.expires > now;
             if !keep {
-                freed += entry_size(&entry.authorization);
+                freed += entry_size(&entry.value);
             }
             keep
         });
@@ -199,7 +181,7 @@ impl Inner {
                 break;
             }
             entries -= 1;
-            bytes -= entry_size(&entry.authorization);
+            bytes -= entry_size(&entry.value);
             victims.push(*key);
         }
         for key in victims {
@@ -208,8 +190,20 @@ impl Inner {
     }
 }
 
-fn entry_size(authorization: &Authorization) -> u64 {
-    authorization.len() as u64 + ENTRY_OVERHEAD
+/// What a cached value costs in memory beyond the entry itself, for the byte bound.
+pub trait Weigh {
+    fn weight(&self) -> u64;
+}
+
+/// The negative cache remembers only that a token is inactive.
+impl Weigh for () {
+    fn weight(&self) -> u64 {
+        0
+    }
+}
+
+fn entry_size(value: &impl Weigh) -> u64 {
+    value.weight() + ENTRY_OVERHEAD
 }
 
 /// Keys are SHA-256 digests: their first eight bytes are already a uniform hash.
@@ -246,7 +240,14 @@ impl Hasher for DigestHasher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::Authorization;
     use crate::cache::bearer;
+
+    impl Weigh for Authorization {
+        fn weight(&self) -> u64 {
+            self.len() as u64
+        }
+    }
     use crate::token::{CacheKey, parse_bearer};
 
     fn key(n: usize) -> CacheKey {
@@ -256,7 +257,7 @@ mod tests {
 
     #[test]
     fn hit_until_expiry() {
-        let cache = LocalCache::new(10, 1 << 20);
+        let cache = LocalCache::<Authorization>::new(10, 1 << 20);
         cache.put(key(1), bearer("a.b.c"), Duration::from_millis(30));
         assert_eq!(cache.get(&key(1)).as_deref(), Some("Bearer a.b.c"));
         assert_eq!(cache.get(&key(2)), None);
@@ -267,14 +268,14 @@ mod tests {
 
     #[test]
     fn zero_ttl_stores_nothing() {
-        let cache = LocalCache::new(10, 1 << 20);
+        let cache = LocalCache::<Authorization>::new(10, 1 << 20);
         cache.put(key(1), bearer("a.b.c"), Duration::ZERO);
         assert_eq!(cache.get(&key(1)), None);
     }
 
     #[test]
     fn entry_bound_holds() {
-        let cache = LocalCache::new(100, 1 << 30);
+        let cache = LocalCache::<Authorization>::new(100, 1 << 30);
         for n in 0..1_000 {
             cache.put(key(n), bearer("a.b.c"), Duration::from_secs(60));
             assert!(cache.size().0 <= 100);
@@ -286,7 +287,7 @@ mod tests {
     #[test]
     fn byte_bound_holds() {
         let jwt = "x".repeat(1_000);
-        let cache = LocalCache::new(1_000_000, 20_000);
+        let cache = LocalCache::<Authorization>::new(1_000_000, 20_000);
         for n in 0..500 {
             cache.put(key(n), bearer(&jwt), Duration::from_secs(60));
             assert!(cache.size().1 <= 20_000);
@@ -296,7 +297,7 @@ mod tests {
 
     #[test]
     fn replacing_keeps_byte_count_exact() {
-        let cache = LocalCache::new(10, 1 << 20);
+        let cache = LocalCache::<Authorization>::new(10, 1 << 20);
         cache.put(key(1), bearer("a.b.c"), Duration::from_secs(60));
         cache.put(key(1), bearer("a.b.cdef"), Duration::from_secs(60));
         assert_eq!(cache.size(), (1, entry_size(&bearer("a.b.cdef"))));
@@ -306,7 +307,7 @@ mod tests {
 
     #[test]
     fn a_value_read_before_an_eviction_is_not_stored_after_it() {
-        let cache = LocalCache::new(10, 1 << 20);
+        let cache = LocalCache::<Authorization>::new(10, 1 << 20);
         let since = cache.generation();
         assert!(cache.put_since(since, key(1), bearer("a.b.c"), Duration::from_secs(60)));
         cache.remove(&key(2));
@@ -326,14 +327,14 @@ mod tests {
 
     #[test]
     fn an_absurd_ttl_saturates() {
-        let cache = LocalCache::new(10, 1 << 20);
+        let cache = LocalCache::<Authorization>::new(10, 1 << 20);
         cache.put(key(1), bearer("a.b.c"), Duration::MAX);
         assert!(cache.get(&key(1)).is_some());
     }
 
     #[test]
     fn clear_drops_everything() {
-        let cache = LocalCache::new(10, 1 << 20);
+        let cache = LocalCache::<Authorization>::new(10, 1 << 20);
         cache.put(key(1), bearer("a.b.c"), Duration::from_secs(60));
         cache.put(key(2), bearer("a.b.c"), Duration::from_secs(60));
         cache.clear();

@@ -26,8 +26,9 @@ use redis::{AsyncCommands, Client, IntoConnectionInfo};
 use sha2::Sha256;
 
 use super::evictions::{self, Confirmations};
-use super::{Authorization, CacheError, CachedJwt, Eviction, SharedCache, now_ms};
+use super::{Authorization, CacheError, CachedJwt, Eviction, Grant, SharedCache, now_ms};
 use crate::config::Secret;
+use crate::jwt::Claims;
 use crate::metrics;
 use crate::token::{CacheKey, Token};
 use crate::{BoxFuture, jwt};
@@ -140,13 +141,19 @@ impl Slot {
         &self.name
     }
 
-    /// Encrypts `expiry ‖ Authorization` under a fresh random nonce.
+    /// Encrypts `expiry ‖ claims length ‖ claims (JSON) ‖ Authorization` under a fresh random
+    /// nonce.
     pub fn seal(&self, entry: &CachedJwt) -> Result<Vec<u8>, CacheError> {
         let mut nonce = [0u8; NONCE_LEN];
         getrandom::fill(&mut nonce).map_err(|_| CacheError::NoRandomness)?;
-        let mut plaintext = Vec::with_capacity(EXPIRY_LEN + entry.authorization.len());
+        let claims = serde_json::to_vec(&entry.grant.claims).map_err(|_| CacheError::Corrupt)?;
+        let claims_len = u32::try_from(claims.len()).map_err(|_| CacheError::Corrupt)?;
+        let authorization = &entry.grant.authorization;
+        let mut plaintext = Vec::with_capacity(EXPIRY_LEN + 4 + claims.len() + authorization.len());
         plaintext.extend_from_slice(&entry.expires_at_ms.to_be_bytes());
-        plaintext.extend_from_slice(entry.authorization.as_bytes());
+        plaintext.extend_from_slice(&claims_len.to_be_bytes());
+        plaintext.extend_from_slice(&claims);
+        plaintext.extend_from_slice(authorization.as_bytes());
         let ciphertext = self
             .sealer
             .encrypt(
@@ -181,10 +188,17 @@ impl Slot {
                 },
             )
             .map_err(|_| CacheError::Corrupt)?;
-        let (expiry, authorization) = plaintext
+        let (expiry, rest) = plaintext
             .split_at_checked(EXPIRY_LEN)
             .ok_or(CacheError::Corrupt)?;
         let expires_at_ms = u64::from_be_bytes(expiry.try_into().map_err(|_| CacheError::Corrupt)?);
+        let (claims_len, rest) = rest.split_at_checked(4).ok_or(CacheError::Corrupt)?;
+        let claims_len =
+            u32::from_be_bytes(claims_len.try_into().map_err(|_| CacheError::Corrupt)?);
+        let (claims, authorization) = rest
+            .split_at_checked(claims_len as usize)
+            .ok_or(CacheError::Corrupt)?;
+        let claims: Claims = serde_json::from_slice(claims).map_err(|_| CacheError::Corrupt)?;
         let authorization = std::str::from_utf8(authorization).map_err(|_| CacheError::Corrupt)?;
         let jwt = authorization
             .strip_prefix("Bearer ")
@@ -195,7 +209,10 @@ impl Slot {
             return Err(CacheError::Corrupt);
         }
         Ok(CachedJwt {
-            authorization: Authorization::from(authorization),
+            grant: Arc::new(Grant {
+                authorization: Authorization::from(authorization),
+                claims,
+            }),
             expires_at_ms,
         })
     }
@@ -515,7 +532,6 @@ impl SharedCache for RedisCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::bearer;
     use crate::token::parse_token;
 
     const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
@@ -536,13 +552,24 @@ mod tests {
         let other = parse_token("token-two", 100).unwrap();
         let now = 1_700_000_000_000;
         let entry = CachedJwt {
-            authorization: bearer(&jwt(1_800_000_000)),
+            grant: Grant::new(
+                &jwt(1_800_000_000),
+                Claims {
+                    sub: Some("alice".into()),
+                    scopes: vec!["orders:read".into()],
+                    ..Claims::default()
+                },
+            ),
             expires_at_ms: now + 60_000,
         };
         let slot = Slot::derive(SECRET, token);
         assert!(slot.name().starts_with(KEY_PREFIX));
         let sealed = slot.seal(&entry).unwrap();
-        assert!(!sealed.windows(5).any(|w| w == b"alice" || w == b"token"));
+        assert!(
+            !sealed
+                .windows(5)
+                .any(|w| w == b"alice" || w == b"token" || w == b"order")
+        );
         assert_eq!(slot.open(&sealed, now), Ok(entry.clone()));
         // Another token, or another secret, names another key and opens nothing.
         let theirs = Slot::derive(SECRET, other);
@@ -558,7 +585,7 @@ mod tests {
         // Expired, by the entry's own expiry or by the JWT's.
         assert_eq!(slot.open(&sealed, now + 60_000), Err(CacheError::Corrupt));
         let stale = CachedJwt {
-            authorization: bearer(&jwt(1_000)),
+            grant: Grant::new(&jwt(1_000), Claims::default()),
             ..entry.clone()
         };
         assert_eq!(
@@ -580,7 +607,10 @@ mod tests {
             "",
         ] {
             let entry = CachedJwt {
-                authorization: Authorization::from(forged),
+                grant: Arc::new(Grant {
+                    authorization: Authorization::from(forged),
+                    claims: Claims::default(),
+                }),
                 expires_at_ms: u64::MAX,
             };
             let sealed = slot.seal(&entry).unwrap();

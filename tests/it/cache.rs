@@ -305,7 +305,10 @@ fn sealed_under(secret: &str, token: &str, authorization: &str) -> (String, Vec<
     let token = phantom_authz::token::parse_token(token, 4096).unwrap();
     let slot = phantom_authz::cache::redis::Slot::derive(secret.as_bytes(), token);
     let entry = phantom_authz::cache::CachedJwt {
-        authorization: authorization.into(),
+        grant: std::sync::Arc::new(phantom_authz::cache::Grant {
+            authorization: authorization.into(),
+            claims: Default::default(),
+        }),
         expires_at_ms: (unix_now() + 3600) * 1000,
     };
     (slot.name().to_owned(), slot.seal(&entry).unwrap())
