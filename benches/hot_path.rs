@@ -112,7 +112,7 @@ fn cache_key(c: &mut Criterion) {
 }
 
 fn respond(c: &mut Criterion) {
-    let responder = Responder::new("api");
+    let responder = Responder::new("api", Vec::new());
     let allow = Outcome::Allow(AllowedJwt(Grant::new(&jwt_1k(), Default::default())));
     c.bench_function("Responder::respond/allow_1k_jwt", |b| {
         b.iter(|| responder.respond(black_box(&allow)))

@@ -161,8 +161,9 @@ impl App {
         ));
         let checks = CheckService::new(
             authorizer.clone(),
-            Responder::new(&config.realm),
+            Responder::new(&config.realm, config.claim_headers.clone()),
             config.max_token_length,
+            config.routes.clone(),
         );
         let grpc_tls = config
             .grpc_tls

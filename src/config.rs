@@ -8,6 +8,9 @@ mod validate;
 
 pub use args::{Args, IntrospectionMode, LogFormat, parse_bytes, parse_duration};
 
+use crate::decision::ClaimName;
+use crate::route::RouteTable;
+
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -56,6 +59,10 @@ pub struct Config {
     pub check_timeout: Duration,
     pub grpc_limits: GrpcLimits,
     pub realm: String,
+    /// Claims set as request headers on every allow.
+    pub claim_headers: Vec<(ClaimName, String)>,
+    /// What each route requires; its rules come from the `--config` file.
+    pub routes: RouteTable,
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
     /// Where traces go; `None`: no exporter, spans stay disabled.
@@ -407,14 +414,88 @@ mod tests {
 
     #[test]
     fn config_file_mistakes_name_the_setting() {
-        use load::file_args;
-        let err = file_args("introspection_url = \"x\"").unwrap_err();
+        use load::file_settings;
+        let err = file_settings("introspection_url = \"x\"").unwrap_err();
         assert!(err.to_string().contains("introspection_url"), "{err}");
-        assert!(file_args("realm = [1, 2]").is_err());
-        assert!(file_args("config = \"/etc/other.toml\"").is_err());
-        let err = file_args("client-secret = \"unterminated").unwrap_err();
+        assert!(file_settings("realm = [1, 2]").is_err());
+        assert!(file_settings("config = \"/etc/other.toml\"").is_err());
+        let err = file_settings("client-secret = \"unterminated").unwrap_err();
         assert_eq!(err.flag, "--config");
         assert!(!err.to_string().contains("unterminated"), "{err}");
+    }
+
+    #[test]
+    fn the_route_table_is_read_in_order_and_checked() {
+        use crate::route::{PathMatch, Unmatched};
+        let file = r#"
+            introspection-url = "https://idp.example/introspect"
+            client-id = "gw"
+            client-secret = "s3cr3t-value"
+            unmatched-routes = "deny"
+
+            [[route]]
+            path-prefix = "/orders"
+            methods = ["post", "PUT"]
+            scopes = "orders:write orders:read"
+
+            [[route]]
+            host = "admin.example"
+            audience = "admin-api"
+            scopes = ["admin"]
+        "#;
+        let config = load_with(&["--config", "/etc/pa.toml"], &[], file).unwrap();
+        assert_eq!(config.routes.unmatched, Unmatched::Deny);
+        assert_eq!(config.routes.rules.len(), 2);
+        let first = &config.routes.rules[0];
+        assert_eq!(first.path, PathMatch::Prefix("/orders".into()));
+        assert_eq!(first.methods, ["POST", "PUT"]);
+        assert_eq!(first.scopes, ["orders:write", "orders:read"]);
+        assert_eq!(
+            config.routes.rules[1].audience.as_deref(),
+            Some("admin-api")
+        );
+        // Printed back, the rules read the same.
+        let printed: String = config.routes.rules.iter().map(load::rule_toml).collect();
+        let (_, again) = load::file_settings(&printed).unwrap();
+        assert_eq!(again, config.routes.rules);
+
+        for (bad, says) in [
+            ("[[route]]\npath = \"orders\"", "must start with /"),
+            ("[[route]]\npath = \"/a\"\npath-prefix = \"/b\"", "not both"),
+            ("[[route]]\nscopes = \"a \\\"b\\\"\"", "scope tokens"),
+            ("[[route]]\nmethod = [\"GET\"]", "unknown key `method`"),
+            ("[[route]]\naudience = \"a b\"", "audience"),
+            ("route = 1", "array of tables"),
+        ] {
+            let err = load::file_settings(bad).unwrap_err().to_string();
+            assert!(
+                err.starts_with("--config:") && err.contains(says),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn claim_headers_are_checked() {
+        let config = args(&["--claim-header", "sub=X-User-Id,client_id=x-client-id"]).unwrap();
+        assert_eq!(
+            config.claim_headers,
+            [
+                (ClaimName::Sub, "x-user-id".to_owned()),
+                (ClaimName::ClientId, "x-client-id".to_owned())
+            ]
+        );
+        for bad in [
+            "sub",
+            "name=x-name",
+            "sub=authorization",
+            "sub=x-envoy-original-path",
+            "sub=x user",
+            "sub=x-a,scope=x-a",
+        ] {
+            let err = args(&["--claim-header", bad]).unwrap_err();
+            assert_eq!(err.flag, "--claim-header", "{bad}");
+        }
     }
 
     #[test]

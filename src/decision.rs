@@ -15,7 +15,13 @@ use tonic::Code;
 
 use std::sync::Arc;
 
+use std::collections::HashMap;
+
+use envoy_types::pb::google::protobuf::value::Kind;
+use envoy_types::pb::google::protobuf::{Struct, Value};
+
 use crate::cache::Grant;
+use crate::jwt::Claims;
 use crate::token::TokenProblem;
 
 /// Everything a Check can end in.
@@ -41,6 +47,14 @@ pub enum Outcome {
     IdpUnavailable,
     /// The IdP answered a status that makes no sense for introspection (400, 3xx, 418, …).
     IdpUnexpected,
+    /// An active token without every scope the route requires (which are these).
+    InsufficientScope(Arc<str>),
+    /// An active token not meant for the route's audience.
+    AudienceMismatch,
+    /// No route rule matched and unmatched requests are denied.
+    NoRoute,
+    /// The route's requirement (this setting) is malformed: never an allow.
+    RouteMisconfigured(&'static str),
 }
 
 /// The forwarded value, with a redacting `Debug`.
@@ -99,6 +113,7 @@ pub enum HttpStatusCode {
     Ok,
     BadRequest,
     Unauthorized,
+    Forbidden,
     InternalServerError,
     BadGateway,
     ServiceUnavailable,
@@ -110,6 +125,7 @@ impl HttpStatusCode {
             HttpStatusCode::Ok => 200,
             HttpStatusCode::BadRequest => 400,
             HttpStatusCode::Unauthorized => 401,
+            HttpStatusCode::Forbidden => 403,
             HttpStatusCode::InternalServerError => 500,
             HttpStatusCode::BadGateway => 502,
             HttpStatusCode::ServiceUnavailable => 503,
@@ -122,6 +138,7 @@ impl HttpStatusCode {
             HttpStatusCode::Ok => "200",
             HttpStatusCode::BadRequest => "400",
             HttpStatusCode::Unauthorized => "401",
+            HttpStatusCode::Forbidden => "403",
             HttpStatusCode::InternalServerError => "500",
             HttpStatusCode::BadGateway => "502",
             HttpStatusCode::ServiceUnavailable => "503",
@@ -131,7 +148,10 @@ impl HttpStatusCode {
     /// A failure of the service or what it depends on, not of the client: marks the span.
     pub fn is_server_error(self) -> bool {
         match self {
-            HttpStatusCode::Ok | HttpStatusCode::BadRequest | HttpStatusCode::Unauthorized => false,
+            HttpStatusCode::Ok
+            | HttpStatusCode::BadRequest
+            | HttpStatusCode::Unauthorized
+            | HttpStatusCode::Forbidden => false,
             HttpStatusCode::InternalServerError
             | HttpStatusCode::BadGateway
             | HttpStatusCode::ServiceUnavailable => true,
@@ -143,6 +163,7 @@ impl HttpStatusCode {
             HttpStatusCode::Ok => StatusCode::Ok,
             HttpStatusCode::BadRequest => StatusCode::BadRequest,
             HttpStatusCode::Unauthorized => StatusCode::Unauthorized,
+            HttpStatusCode::Forbidden => StatusCode::Forbidden,
             HttpStatusCode::InternalServerError => StatusCode::InternalServerError,
             HttpStatusCode::BadGateway => StatusCode::BadGateway,
             HttpStatusCode::ServiceUnavailable => StatusCode::ServiceUnavailable,
@@ -160,6 +181,8 @@ pub enum Challenge {
     InvalidToken,
     /// `error="invalid_request"`.
     InvalidRequest,
+    /// `error="insufficient_scope", scope="…"` (RFC 6750 §3.1).
+    InsufficientScope,
 }
 
 impl Outcome {
@@ -181,6 +204,10 @@ impl Outcome {
             Outcome::IdpRejected      => (Deny,  H::BadGateway,          G::Unavailable,     "idp_rejected",      C::None),
             Outcome::IdpUnavailable   => (Deny,  H::ServiceUnavailable,  G::Unavailable,     "idp_unavailable",   C::None),
             Outcome::IdpUnexpected    => (Deny,  H::InternalServerError, G::Internal,        "idp_unexpected",    C::None),
+            Outcome::InsufficientScope(_) => (Deny, H::Forbidden,        G::PermissionDenied, "insufficient_scope", C::InsufficientScope),
+            Outcome::AudienceMismatch => (Deny,  H::Unauthorized,        G::Unauthenticated, "audience_mismatch", C::InvalidToken),
+            Outcome::NoRoute          => (Deny,  H::Forbidden,           G::PermissionDenied, "no_route",         C::None),
+            Outcome::RouteMisconfigured(_) => (Deny, H::InternalServerError, G::Internal,    "route_misconfigured", C::None),
         };
         Row {
             decision,
@@ -192,49 +219,111 @@ impl Outcome {
     }
 }
 
-/// Turns outcomes into `CheckResponse`s; holds the challenges built once from the realm.
+/// A claim forwarded upstream as a request header on every allow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ClaimName {
+    Sub,
+    #[value(name = "client_id")]
+    ClientId,
+    /// The scopes, space-separated.
+    Scope,
+    /// The audiences, space-separated.
+    Aud,
+}
+
+impl ClaimName {
+    /// The claim's value for a grant, when it has one that can travel in a header.
+    fn value(self, claims: &Claims) -> Option<String> {
+        let value = match self {
+            ClaimName::Sub => claims.sub.as_deref()?.to_owned(),
+            ClaimName::ClientId => claims.client_id.as_deref()?.to_owned(),
+            ClaimName::Scope if claims.scopes.is_empty() => return None,
+            ClaimName::Scope => claims.scopes.join(" "),
+            ClaimName::Aud if claims.audiences.is_empty() => return None,
+            ClaimName::Aud => claims.audiences.join(" "),
+        };
+        // A value the IdP chose must not break out of its header: printable ASCII only.
+        value
+            .bytes()
+            .all(|b| b == b' ' || b.is_ascii_graphic())
+            .then_some(value)
+    }
+}
+
+/// Turns outcomes into `CheckResponse`s; holds the challenges built once from the realm and the
+/// claim headers to set.
 #[derive(Clone, Debug)]
 pub struct Responder {
+    realm: String,
     bare_challenge: String,
     invalid_token_challenge: String,
     invalid_request_challenge: String,
+    claim_headers: Vec<(ClaimName, String)>,
 }
 
 impl Responder {
-    /// `realm` was validated to fit inside a quoted-string.
-    pub fn new(realm: &str) -> Self {
+    /// `realm` was validated to fit inside a quoted-string; `claim_headers` are lower-case
+    /// header names, validated.
+    pub fn new(realm: &str, claim_headers: Vec<(ClaimName, String)>) -> Self {
         Self {
+            realm: realm.to_owned(),
             bare_challenge: format!("Bearer realm=\"{realm}\""),
             invalid_token_challenge: format!("Bearer realm=\"{realm}\", error=\"invalid_token\""),
             invalid_request_challenge: format!(
                 "Bearer realm=\"{realm}\", error=\"invalid_request\""
             ),
+            claim_headers,
         }
     }
 
     pub fn respond(&self, outcome: &Outcome) -> CheckResponse {
         let row = outcome.row();
+        let mut dynamic_metadata = None;
         let http_response = match outcome {
-            Outcome::Allow(AllowedJwt(grant)) => HttpResponse::OkResponse(OkHttpResponse {
-                headers: vec![overwrite(
+            Outcome::Allow(AllowedJwt(grant)) => {
+                let mut headers = Vec::with_capacity(1 + self.claim_headers.len());
+                headers.push(overwrite(
                     "authorization",
                     String::from(&*grant.authorization),
-                )],
-                ..Default::default()
-            }),
+                ));
+                for (claim, header) in &self.claim_headers {
+                    if let Some(value) = claim.value(&grant.claims) {
+                        headers.push(overwrite(header, value));
+                    }
+                }
+                dynamic_metadata = metadata(&grant.claims);
+                HttpResponse::OkResponse(OkHttpResponse {
+                    headers,
+                    // A client's own copy of a claim header never reaches the upstream, whether
+                    // or not this token has the claim.
+                    headers_to_remove: self
+                        .claim_headers
+                        .iter()
+                        .map(|(_, header)| header.clone())
+                        .collect(),
+                    ..Default::default()
+                })
+            }
             _ => {
-                let challenge = match row.challenge {
-                    Challenge::None => None,
-                    Challenge::Bare => Some(&self.bare_challenge),
-                    Challenge::InvalidToken => Some(&self.invalid_token_challenge),
-                    Challenge::InvalidRequest => Some(&self.invalid_request_challenge),
+                let challenge = match (row.challenge, outcome) {
+                    (Challenge::None, _) => None,
+                    (Challenge::Bare, _) => Some(self.bare_challenge.clone()),
+                    (Challenge::InvalidToken, _) => Some(self.invalid_token_challenge.clone()),
+                    (Challenge::InvalidRequest, _) => Some(self.invalid_request_challenge.clone()),
+                    (Challenge::InsufficientScope, Outcome::InsufficientScope(scopes)) => {
+                        Some(format!(
+                            "Bearer realm=\"{}\", error=\"insufficient_scope\", scope=\"{scopes}\"",
+                            self.realm
+                        ))
+                    }
+                    (Challenge::InsufficientScope, _) => None,
                 };
                 HttpResponse::DeniedResponse(DeniedHttpResponse {
                     status: Some(HttpStatus {
                         code: row.http.envoy() as i32,
                     }),
                     headers: challenge
-                        .map(|value| overwrite("www-authenticate", value.clone()))
+                        .map(|value| overwrite("www-authenticate", value))
                         .into_iter()
                         .collect(),
                     body: String::new(),
@@ -247,9 +336,37 @@ impl Responder {
                 ..Default::default()
             }),
             http_response: Some(http_response),
-            ..Default::default()
+            dynamic_metadata,
         }
     }
+}
+
+/// Who the caller is, for Envoy's access log, RBAC and rate limits
+/// (`%DYNAMIC_METADATA(envoy.filters.http.ext_authz:sub)%`): `sub`, `client_id`, `scope` and
+/// `exp`, those the token has.
+fn metadata(claims: &Claims) -> Option<Struct> {
+    let text = |value: String| Value {
+        kind: Some(Kind::StringValue(value)),
+    };
+    let mut fields = HashMap::new();
+    if let Some(sub) = &claims.sub {
+        fields.insert("sub".to_owned(), text(sub.to_string()));
+    }
+    if let Some(client_id) = &claims.client_id {
+        fields.insert("client_id".to_owned(), text(client_id.to_string()));
+    }
+    if !claims.scopes.is_empty() {
+        fields.insert("scope".to_owned(), text(claims.scopes.join(" ")));
+    }
+    if let Some(exp) = claims.exp {
+        fields.insert(
+            "exp".to_owned(),
+            Value {
+                kind: Some(Kind::NumberValue(exp as f64)),
+            },
+        );
+    }
+    (!fields.is_empty()).then_some(Struct { fields })
 }
 
 /// A header that replaces any of the same name (`OVERWRITE_IF_EXISTS_OR_ADD`).
@@ -289,7 +406,7 @@ mod tests {
 
     #[test]
     fn allow_overwrites_authorization() {
-        let responder = Responder::new("api");
+        let responder = Responder::new("api", Vec::new());
         let response = responder.respond(&Outcome::Allow(AllowedJwt(Grant::new(
             "a.b.c",
             Default::default(),
@@ -316,7 +433,7 @@ mod tests {
 
     #[test]
     fn every_denial_maps_to_its_row() {
-        let responder = Responder::new("api");
+        let responder = Responder::new("api", Vec::new());
         let rows: [(Outcome, i32, Code, Option<&str>); 9] = [
             (
                 Outcome::NoToken,

@@ -29,6 +29,7 @@ pub mod jwt;
 pub mod metrics;
 pub mod probe;
 pub mod reflection;
+pub mod route;
 pub mod server;
 pub mod telemetry;
 pub mod token;

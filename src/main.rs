@@ -115,20 +115,23 @@ fn configuration_error(error: &dyn std::fmt::Display) -> ExitCode {
 
 /// `check-config`'s report: the effective settings as a `--config` file, secrets masked.
 fn print_settings(argv: Vec<OsString>) -> ExitCode {
-    let settings = match load::settings(argv, &|name| std::env::var_os(name), &|path| {
+    let effective = match load::settings(argv, &|name| std::env::var_os(name), &|path| {
         std::fs::read_to_string(path)
     }) {
-        Ok(settings) => settings,
+        Ok(effective) => effective,
         Err(error) => return configuration_error(&error),
     };
     println!(
         "# phantom-authz check-config: configuration OK (every file read, every client built)"
     );
     println!("# The effective settings as a --config file; fill in the values shown as ***.");
-    for (name, value) in settings {
+    for (name, value) in effective.settings {
         // A JSON string is a valid TOML basic string.
         let value = serde_json::Value::String(value);
         println!("{name} = {value}");
+    }
+    for rule in &effective.rules {
+        print!("\n{}", load::rule_toml(rule));
     }
     ExitCode::SUCCESS
 }

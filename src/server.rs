@@ -26,9 +26,10 @@ use tracing::Instrument as _;
 
 use crate::authorizer::Authorizer;
 use crate::config::GrpcLimits;
-use crate::decision::{Outcome, Responder};
+use crate::decision::{AllowedJwt, Outcome, Responder};
 use crate::metrics;
 use crate::reflection;
+use crate::route::{Demand, RouteTable};
 use crate::telemetry;
 use crate::token;
 
@@ -37,22 +38,47 @@ pub struct CheckService {
     authorizer: Arc<Authorizer>,
     responder: Responder,
     max_token_length: usize,
+    routes: RouteTable,
 }
 
 impl CheckService {
-    pub fn new(authorizer: Arc<Authorizer>, responder: Responder, max_token_length: usize) -> Self {
+    pub fn new(
+        authorizer: Arc<Authorizer>,
+        responder: Responder,
+        max_token_length: usize,
+        routes: RouteTable,
+    ) -> Self {
         Self {
             authorizer,
             responder,
             max_token_length,
+            routes,
         }
     }
 
     /// One Check, from request to response; public so benchmarks can drive it without gRPC.
     pub async fn decide(&self, request: &CheckRequest) -> Outcome {
-        match token::bearer_token(request, self.max_token_length) {
+        // What the route demands is known before the token is looked at: a route that refuses
+        // every token does so without asking the IdP.
+        let demand = self.routes.demand(request);
+        if let Some(refusal) = demand.refuses_any_token() {
+            if let Demand::Misconfigured(setting) = demand {
+                tracing::error!(
+                    setting,
+                    "the route's requirement from Envoy is malformed; denying with 500"
+                );
+            }
+            return refusal;
+        }
+        let outcome = match token::bearer_token(request, self.max_token_length) {
             Ok(token) => self.authorizer.authorize(token).await,
             Err(problem) => Outcome::from(problem),
+        };
+        // Checked on every allow, cache hits included; the grant stays cached either way (it
+        // may open other routes).
+        match &outcome {
+            Outcome::Allow(AllowedJwt(grant)) => demand.refusal(&grant.claims).unwrap_or(outcome),
+            _ => outcome,
         }
     }
 }

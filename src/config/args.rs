@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+use crate::route::Unmatched;
+
 /// Command-line flags. Every flag is also read from the environment variable
 /// `PHANTOM_AUTHZ_<FLAG>` and, with `--config`, from a TOML file ([`super::load`]); flags win
 /// over the environment, which wins over the file.
@@ -204,6 +206,18 @@ pub struct Args {
     /// Realm announced in `WWW-Authenticate`.
     #[arg(long, default_value = "api")]
     pub realm: String,
+
+    /// A claim set as a request header on every allow, `CLAIM=HEADER` (claims: sub, client_id,
+    /// scope, aud), e.g. `sub=x-user-id`; comma-separated or repeated. A client's own copy of
+    /// such a header is always removed.
+    #[arg(long, value_delimiter = ',', value_name = "CLAIM=HEADER")]
+    pub claim_header: Vec<String>,
+
+    /// What a request that no `[[route]]` rule of the config file matches needs: `allow`, an
+    /// active token alone; `deny`, nothing lets it through (403). Envoy's per-route
+    /// `required_scopes`/`required_audience` context extensions override the table.
+    #[arg(long, value_enum, default_value = "allow")]
+    pub unmatched_routes: Unmatched,
 
     /// How long in-flight Checks may take to finish after SIGTERM.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]

@@ -37,6 +37,7 @@ impl Config {
         }
         at_least_one("--max-token-length", args.max_token_length as u64)?;
         validate_realm(&args.realm)?;
+        let claim_headers = claim_headers(&args.claim_header)?;
         let otlp_endpoint = args
             .otlp_endpoint
             .map(|url| http_url("--otlp-endpoint", &url, Credentials::Refused).map(|()| url))
@@ -64,6 +65,11 @@ impl Config {
                 max_request_bytes,
             },
             realm: args.realm,
+            claim_headers,
+            routes: RouteTable {
+                rules: Vec::new(),
+                unmatched: args.unmatched_routes,
+            },
             shutdown_grace: args.shutdown_grace,
             log_format: args.log_format,
             otlp_endpoint,
@@ -313,6 +319,59 @@ fn http_url(flag: &'static str, url: &str, credentials: Credentials) -> Result<(
         return Err(invalid(flag, "contains whitespace"));
     }
     Ok(())
+}
+
+/// `CLAIM=HEADER` pairs: a known claim, a lower-case header name that is not one the gateway or
+/// HTTP itself depends on, each header once.
+fn claim_headers(pairs: &[String]) -> Result<Vec<(ClaimName, String)>, ConfigError> {
+    const FLAG: &str = "--claim-header";
+    const RESERVED: &[&str] = &[
+        "authorization",
+        "proxy-authorization",
+        "host",
+        "cookie",
+        "content-length",
+        "content-type",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+    ];
+    let mut headers: Vec<(ClaimName, String)> = Vec::new();
+    for pair in pairs.iter().filter(|p| !p.trim().is_empty()) {
+        let (claim, header) = pair
+            .split_once('=')
+            .ok_or_else(|| invalid(FLAG, format!("`{pair}` is not CLAIM=HEADER")))?;
+        let claim = <ClaimName as clap::ValueEnum>::from_str(claim.trim(), true).map_err(|_| {
+            invalid(
+                FLAG,
+                format!(
+                    "unknown claim `{}` (sub, client_id, scope, aud)",
+                    claim.trim()
+                ),
+            )
+        })?;
+        let header = header.trim().to_ascii_lowercase();
+        let token = !header.is_empty()
+            && header
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !token || RESERVED.contains(&header.as_str()) || header.starts_with("x-envoy-") {
+            return Err(invalid(
+                FLAG,
+                format!(
+                    "`{header}` cannot carry a claim (a plain header name, not one HTTP or the gateway relies on)"
+                ),
+            ));
+        }
+        if headers.iter().any(|(_, existing)| *existing == header) {
+            return Err(invalid(FLAG, format!("`{header}` is named twice")));
+        }
+        headers.push((claim, header));
+    }
+    Ok(headers)
 }
 
 /// The realm goes inside a quoted-string in `WWW-Authenticate`.
