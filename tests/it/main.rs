@@ -9,6 +9,7 @@ mod operations;
 mod probe;
 mod properties;
 mod revocation;
+mod routes;
 mod support;
 mod tls;
 mod tracing;

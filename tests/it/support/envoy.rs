@@ -117,3 +117,24 @@ pub(crate) async fn check(
 ) -> Verdict {
     verdict(client.check(request).await.expect("Check RPC").into_inner())
 }
+
+/// A Check for `method host path` with `token`, and Envoy's per-route context extensions.
+pub(crate) fn route_request(
+    method: &str,
+    host: &str,
+    path: &str,
+    token: &str,
+    extensions: &[(&str, &str)],
+) -> CheckRequest {
+    let mut request = check_request(&[("authorization", &format!("Bearer {token}"))]);
+    let attributes = request.attributes.as_mut().unwrap();
+    let http = attributes.request.as_mut().unwrap().http.as_mut().unwrap();
+    http.method = method.into();
+    http.host = host.into();
+    http.path = path.into();
+    attributes.context_extensions = extensions
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    request
+}
