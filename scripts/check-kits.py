@@ -187,6 +187,27 @@ def check_envoy(rel, doc):
             problem(rel, f"route to undefined cluster {route['cluster']!r}")
 
 
+def check_envoy_schema(rel, doc):
+    """The whole file against Envoy's own v3 API (xds-protos): every field and type URL must
+    exist, as `envoy --mode validate` would insist; Envoy itself cannot run here."""
+    import importlib
+    from google.protobuf import json_format
+    from envoy.config.bootstrap.v3 import bootstrap_pb2
+    # typed_config payloads resolve only once their modules are loaded.
+    for module in (
+        "envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2",
+        "envoy.extensions.filters.http.ext_authz.v3.ext_authz_pb2",
+        "envoy.extensions.filters.http.router.v3.router_pb2",
+        "envoy.extensions.access_loggers.stream.v3.stream_pb2",
+        "envoy.extensions.upstreams.http.v3.http_protocol_options_pb2",
+    ):
+        importlib.import_module(module)
+    try:
+        json_format.ParseDict(doc, bootstrap_pb2.Bootstrap())
+    except json_format.ParseError as error:
+        problem(rel, f"not a valid Envoy v3 Bootstrap: {error}")
+
+
 def check_deployment(rel, doc):
     spec = doc.get("spec", {}).get("template", {}).get("spec", {})
     containers = spec.get("containers") or []
@@ -219,6 +240,7 @@ def main():
             for doc in docs:
                 if isinstance(doc, dict):
                     check_envoy(rel, doc)
+                    check_envoy_schema(rel, doc)
         for doc in docs:
             if isinstance(doc, dict) and doc.get("kind") == "Deployment":
                 check_deployment(rel, doc)
