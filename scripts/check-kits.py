@@ -163,10 +163,13 @@ def check_envoy(rel, doc):
                and "typed_config" in d]
     if not filters:
         problem(rel, "no envoy.filters.http.ext_authz filter")
-    want = {"transport_api_version": "V3", "failure_mode_allow": False,
-            "encode_raw_headers": True, "include_peer_certificate": False}
     for f in filters:
         cfg = f["typed_config"]
+        if "http_service" in cfg:
+            check_envoy_http_service(rel, cfg, clusters)
+            continue
+        want = {"transport_api_version": "V3", "failure_mode_allow": False,
+                "encode_raw_headers": True, "include_peer_certificate": False}
         for key, value in want.items():
             if cfg.get(key) != value:
                 problem(rel, f"ext_authz {key} is {cfg.get(key)!r}, expected {value!r}")
@@ -185,6 +188,40 @@ def check_envoy(rel, doc):
         route = d.get("route")
         if isinstance(route, dict) and "cluster" in route and route["cluster"] not in clusters:
             problem(rel, f"route to undefined cluster {route['cluster']!r}")
+
+
+def check_envoy_http_service(rel, cfg, clusters):
+    """ext_authz over HTTP: fail closed, the same deadline, the JWT and claim header let through."""
+    if cfg.get("failure_mode_allow") is not False:
+        problem(rel, "ext_authz http_service: failure_mode_allow must be false")
+    if cfg.get("status_on_error", {}).get("code") != 503:
+        problem(rel, "ext_authz http_service: status_on_error.code should be 503")
+    server = cfg["http_service"].get("server_uri", {})
+    if server.get("timeout") != "0.2s":
+        problem(rel, f"ext_authz http_service timeout is {server.get('timeout')!r}, expected '0.2s'")
+    if server.get("cluster") not in clusters:
+        problem(rel, f"ext_authz http_service cluster {server.get('cluster')!r} is not defined")
+    upstream = cfg["http_service"].get("authorization_response", {}).get("allowed_upstream_headers", {})
+    allowed = {p.get("exact") for p in upstream.get("patterns", [])}
+    if "authorization" not in allowed:
+        problem(rel, "ext_authz http_service must let the Authorization header through upstream")
+
+
+def check_haproxy(rel, text):
+    """What the HAProxy config must say: the Lua action, the JWT set, the claim header dropped."""
+    for needle in ("lua-load", "lua.auth-request", "set-header Authorization", "del-header X-User-Id"):
+        if needle not in text:
+            problem(rel, f"haproxy config does not contain {needle!r}")
+
+
+def check_traefik(rel, doc):
+    middlewares = doc.get("http", {}).get("middlewares", {})
+    auth = [m["forwardAuth"] for m in middlewares.values() if "forwardAuth" in m]
+    if not auth:
+        problem(rel, "no forwardAuth middleware")
+    for m in auth:
+        if "Authorization" not in m.get("authResponseHeaders", []):
+            problem(rel, "forwardAuth must copy Authorization from phantom-authz's answer")
 
 
 def check_envoy_schema(rel, doc):
@@ -241,6 +278,9 @@ def main():
                 if isinstance(doc, dict):
                     check_envoy(rel, doc)
                     check_envoy_schema(rel, doc)
+        if rel.parts[:2] == ("deploy", "traefik"):
+            for doc in docs:
+                check_traefik(rel, doc)
         for doc in docs:
             if isinstance(doc, dict) and doc.get("kind") == "Deployment":
                 check_deployment(rel, doc)
@@ -252,6 +292,11 @@ def main():
                     problem(rel, f"{doc['kind']} has no metadata.name")
     if dashboards == 0:
         problem("grafana", "no dashboard found")
+    haproxy = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
+    if haproxy.exists():
+        check_haproxy(haproxy.relative_to(ROOT), haproxy.read_text())
+    else:
+        problem("deploy/haproxy", "haproxy.cfg is missing")
     rules = ROOT / "grafana" / "alerts.yml"
     if rules.exists():
         for doc in parsed.get(rules.relative_to(ROOT), []):

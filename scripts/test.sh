@@ -1,16 +1,24 @@
 #!/usr/bin/env bash
 # Runs phantom-authz's whole test suite on a fresh Debian machine: installs what the tests need
-# (redis-server), then checks formatting and lints and runs every unit and integration test.
+# (redis-server, nginx, caddy), then checks formatting and lints and runs every unit and
+# integration test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 apt_install() {
-    local sudo=""
+    local sudo="" policy=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    # The packages would start system services (nginx on port 80): the tests start their own.
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        policy=/usr/sbin/policy-rc.d
+        printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
+        $sudo chmod +x "$policy"
+    fi
     if ! $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null 2>&1; then
         $sudo apt-get update -qq
         $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"
     fi
+    [ -z "$policy" ] || $sudo rm -f "$policy"
 }
 
 if ! command -v redis-server >/dev/null 2>&1; then
@@ -18,6 +26,14 @@ if ! command -v redis-server >/dev/null 2>&1; then
     apt_install redis-server
     # The package may start a system instance; the tests start their own on free ports.
 fi
+# The forward-auth tests run real gateways, each on free loopback ports with its own config.
+for gateway in nginx caddy; do
+    if ! command -v "$gateway" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$gateway" ]; then
+        echo "==> installing $gateway"
+        apt_install "$gateway"
+    fi
+done
+export PATH="$PATH:/usr/sbin"
 
 echo "==> cargo fmt --check"
 cargo fmt --check

@@ -29,6 +29,7 @@ use crate::config::{
     SecretSource, TlsFlags,
 };
 use crate::decision::Responder;
+use crate::forward;
 use crate::introspection::guard::Guarded;
 use crate::introspection::{self, HttpIntrospector};
 use crate::server::{self, CheckService, Readiness};
@@ -73,7 +74,7 @@ pub enum BuildError {
 /// The service, built and not yet serving.
 pub struct App {
     authorizer: Arc<Authorizer>,
-    checks: CheckService,
+    checks: Arc<CheckService>,
     grpc_tls: Option<ServerTlsConfig>,
     grpc_limits: GrpcLimits,
     admin: Option<AdminApi>,
@@ -82,6 +83,7 @@ pub struct App {
     mode: IntrospectionMode,
     max_token_length: usize,
     grace: Duration,
+    http_path_prefix: Option<String>,
 }
 
 /// The admin gRPC API, ready to serve.
@@ -96,6 +98,7 @@ struct Addresses {
     grpc: SocketAddr,
     admin: SocketAddr,
     admin_grpc: Option<SocketAddr>,
+    http: Option<SocketAddr>,
 }
 
 /// The bound listeners [`App::run`] serves; tests bind port 0 and read the addresses back.
@@ -107,6 +110,17 @@ pub struct Listeners {
     pub admin: TcpListener,
     /// The admin gRPC API, when configured.
     pub admin_grpc: Option<TcpListener>,
+    /// HTTP forward-auth, when configured.
+    pub http: Option<TcpListener>,
+}
+
+/// Where [`Listeners`] are bound.
+#[derive(Clone, Copy, Debug)]
+pub struct Bound {
+    pub grpc: SocketAddr,
+    pub admin: SocketAddr,
+    pub admin_grpc: Option<SocketAddr>,
+    pub http: Option<SocketAddr>,
 }
 
 impl App {
@@ -159,12 +173,12 @@ impl App {
                 check_timeout: config.check_timeout,
             },
         ));
-        let checks = CheckService::new(
+        let checks = Arc::new(CheckService::new(
             authorizer.clone(),
             Responder::new(&config.realm, config.claim_headers.clone()),
             config.max_token_length,
             config.routes.clone(),
-        );
+        ));
         let grpc_tls = config
             .grpc_tls
             .as_ref()
@@ -195,7 +209,12 @@ impl App {
                 grpc: config.grpc_listen,
                 admin: config.admin_listen,
                 admin_grpc: config.admin_grpc.as_ref().map(|admin| admin.listen),
+                http: config.http.as_ref().map(|http| http.listen),
             },
+            http_path_prefix: config
+                .http
+                .as_ref()
+                .and_then(|http| http.path_prefix.clone()),
             mode: config.introspection.mode,
             max_token_length: config.max_token_length,
             grace: config.shutdown_grace,
@@ -210,6 +229,10 @@ impl App {
             admin: bind("--admin-listen", addresses.admin).await?,
             admin_grpc: match addresses.admin_grpc {
                 Some(addr) => Some(bind("--admin-grpc-listen", addr).await?),
+                None => None,
+            },
+            http: match addresses.http {
+                Some(addr) => Some(bind("--http-listen", addr).await?),
                 None => None,
             },
         })
@@ -228,6 +251,7 @@ impl App {
             grpc,
             admin,
             admin_grpc,
+            http,
         } = listeners;
         if let Some(listener) = &admin_grpc {
             tracing::info!(
@@ -235,6 +259,9 @@ impl App {
                 tls = self.admin.as_ref().is_some_and(|admin| admin.tls.is_some()),
                 "admin gRPC listening"
             );
+        }
+        if let Some(listener) = &http {
+            tracing::info!(http = %display_addr(listener), "HTTP forward-auth listening");
         }
         tracing::info!(
             grpc = %display_addr(&grpc),
@@ -310,6 +337,16 @@ impl App {
             });
             tasks.push(("admin gRPC", task));
         }
+        if let Some(listener) = http {
+            let shutdown = draining(deadline_rx.clone());
+            let task = tokio::spawn(forward::serve(
+                listener,
+                self.checks.clone(),
+                self.http_path_prefix.clone(),
+                shutdown,
+            ));
+            tasks.push(("HTTP forward-auth", task));
+        }
         if let Some(redis) = self.redis {
             let shutdown = stopped(stop_rx.clone());
             let forget = self.authorizer as Arc<dyn evictions::Forget>;
@@ -356,18 +393,19 @@ impl App {
 }
 
 impl Listeners {
-    /// Where the ext_authz, admin HTTP and admin gRPC listeners are bound.
-    pub fn addresses(&self) -> (SocketAddr, SocketAddr, Option<SocketAddr>) {
+    /// Where each listener is bound.
+    pub fn addresses(&self) -> Bound {
         let addr = |listener: &TcpListener| {
             listener
                 .local_addr()
                 .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
         };
-        (
-            addr(&self.grpc),
-            addr(&self.admin),
-            self.admin_grpc.as_ref().map(addr),
-        )
+        Bound {
+            grpc: addr(&self.grpc),
+            admin: addr(&self.admin),
+            admin_grpc: self.admin_grpc.as_ref().map(addr),
+            http: self.http.as_ref().map(addr),
+        }
     }
 }
 

@@ -51,6 +51,8 @@ pub struct Config {
     pub grpc_tls: Option<GrpcTls>,
     pub admin_listen: SocketAddr,
     pub admin_grpc: Option<AdminGrpcConfig>,
+    /// The HTTP forward-auth listener, when there is one.
+    pub http: Option<HttpConfig>,
     pub introspection: IntrospectionConfig,
     pub cache: CacheConfig,
     pub redis: Option<RedisConfig>,
@@ -67,6 +69,14 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Where traces go; `None`: no exporter, spans stay disabled.
     pub otlp_endpoint: Option<String>,
+}
+
+/// The HTTP forward-auth front door.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    /// Removed from the request path to find the path being checked.
+    pub path_prefix: Option<String>,
 }
 
 /// Bounds on what one ext_authz client may ask of the gRPC listener.

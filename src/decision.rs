@@ -258,7 +258,9 @@ pub struct Responder {
     bare_challenge: String,
     invalid_token_challenge: String,
     invalid_request_challenge: String,
-    claim_headers: Vec<(ClaimName, String)>,
+    /// Named for the service's lifetime (leaked once, at start-up), so that answers borrow the
+    /// names instead of copying them per Check.
+    claim_headers: Vec<(ClaimName, &'static str)>,
 }
 
 impl Responder {
@@ -272,7 +274,10 @@ impl Responder {
             invalid_request_challenge: format!(
                 "Bearer realm=\"{realm}\", error=\"invalid_request\""
             ),
-            claim_headers,
+            claim_headers: claim_headers
+                .into_iter()
+                .map(|(claim, header)| (claim, &*Box::leak(header.into_boxed_str())))
+                .collect(),
         }
     }
 
@@ -299,25 +304,13 @@ impl Responder {
                     headers_to_remove: self
                         .claim_headers
                         .iter()
-                        .map(|(_, header)| header.clone())
+                        .map(|(_, header)| (*header).to_owned())
                         .collect(),
                     ..Default::default()
                 })
             }
             _ => {
-                let challenge = match (row.challenge, outcome) {
-                    (Challenge::None, _) => None,
-                    (Challenge::Bare, _) => Some(self.bare_challenge.clone()),
-                    (Challenge::InvalidToken, _) => Some(self.invalid_token_challenge.clone()),
-                    (Challenge::InvalidRequest, _) => Some(self.invalid_request_challenge.clone()),
-                    (Challenge::InsufficientScope, Outcome::InsufficientScope(scopes)) => {
-                        Some(format!(
-                            "Bearer realm=\"{}\", error=\"insufficient_scope\", scope=\"{scopes}\"",
-                            self.realm
-                        ))
-                    }
-                    (Challenge::InsufficientScope, _) => None,
-                };
+                let challenge = self.challenge(outcome);
                 HttpResponse::DeniedResponse(DeniedHttpResponse {
                     status: Some(HttpStatus {
                         code: row.http.envoy() as i32,
@@ -367,6 +360,64 @@ fn metadata(claims: &Claims) -> Option<Struct> {
         );
     }
     (!fields.is_empty()).then_some(Struct { fields })
+}
+
+/// A forward-auth answer: the status, the headers the gateway copies (on an allow) or relays
+/// (on a denial), and a short body.
+#[derive(Debug, PartialEq, Eq)]
+pub struct HttpAnswer {
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+    /// `{"decision":"deny","reason":"…"}` on a denial, empty on an allow; never a secret.
+    pub body: String,
+}
+
+impl Responder {
+    /// The same decision for an HTTP forward-auth gateway: 200 with `Authorization` and every
+    /// configured claim header (empty when the token lacks the claim, so that a gateway copying
+    /// it overwrites whatever the client sent), or the denial's status and challenge.
+    pub fn http(&self, outcome: &Outcome) -> HttpAnswer {
+        let row = outcome.row();
+        match outcome {
+            Outcome::Allow(AllowedJwt(grant)) => {
+                let mut headers = Vec::with_capacity(1 + self.claim_headers.len());
+                headers.push(("authorization", String::from(&*grant.authorization)));
+                for (claim, header) in &self.claim_headers {
+                    let value = claim.value(&grant.claims).unwrap_or_default();
+                    headers.push((*header, value));
+                }
+                HttpAnswer {
+                    status: 200,
+                    headers,
+                    body: String::new(),
+                }
+            }
+            _ => HttpAnswer {
+                status: row.http.as_u16(),
+                headers: self
+                    .challenge(outcome)
+                    .map(|value| ("www-authenticate", value))
+                    .into_iter()
+                    .collect(),
+                body: format!("{{\"decision\":\"deny\",\"reason\":\"{}\"}}\n", row.reason),
+            },
+        }
+    }
+
+    /// The `WWW-Authenticate` value a denial carries, if any.
+    fn challenge(&self, outcome: &Outcome) -> Option<String> {
+        match (outcome.row().challenge, outcome) {
+            (Challenge::None, _) => None,
+            (Challenge::Bare, _) => Some(self.bare_challenge.clone()),
+            (Challenge::InvalidToken, _) => Some(self.invalid_token_challenge.clone()),
+            (Challenge::InvalidRequest, _) => Some(self.invalid_request_challenge.clone()),
+            (Challenge::InsufficientScope, Outcome::InsufficientScope(scopes)) => Some(format!(
+                "Bearer realm=\"{}\", error=\"insufficient_scope\", scope=\"{scopes}\"",
+                self.realm
+            )),
+            (Challenge::InsufficientScope, _) => None,
+        }
+    }
 }
 
 /// A header that replaces any of the same name (`OVERWRITE_IF_EXISTS_OR_ADD`).

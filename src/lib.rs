@@ -11,6 +11,9 @@
 //! - [`decision`]: the one place where outcomes become HTTP statuses, gRPC codes and headers. Pure.
 //! - [`jwt`]: the compact JWT shape and `exp` that every forwarded JWT is checked for. Pure.
 //!
+//! [`forward`] is a second front door, HTTP forward-auth for gateways that cannot speak gRPC,
+//! onto the same line.
+//!
 //! Around them: [`app`] is the composition root that builds all of it from a validated
 //! [`config`] and runs the listeners; [`admin`] serves the operators' gRPC API (token eviction),
 //! whose notices travel between replicas as [`cache::evictions`]; [`metrics`] names every metric
@@ -24,6 +27,7 @@ pub mod authorizer;
 pub mod cache;
 pub mod config;
 pub mod decision;
+pub mod forward;
 pub mod introspection;
 pub mod jwt;
 pub mod metrics;

@@ -61,7 +61,7 @@ pub fn describe() {
     );
     describe_counter!(
         DECISIONS,
-        "Checks answered, by decision (allow|deny), HTTP status and reason."
+        "Checks answered, by decision (allow|deny), HTTP status, reason and transport (grpc|http)."
     );
     describe_counter!(
         CACHE_LOOKUPS,
@@ -116,8 +116,26 @@ pub fn describe() {
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 
+/// Which front door a Check came through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// Envoy's ext_authz gRPC `Check`.
+    Grpc,
+    /// HTTP forward-auth (nginx, Caddy, Traefik, HAProxy, Envoy's `http_service`).
+    Http,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Grpc => "grpc",
+            Transport::Http => "http",
+        }
+    }
+}
+
 /// One Check answered.
-pub fn check_finished(outcome: &Outcome, elapsed: Duration) {
+pub fn check_finished(outcome: &Outcome, elapsed: Duration, transport: Transport) {
     histogram!(CHECK_DURATION).record(elapsed.as_secs_f64());
     let row = outcome.row();
     counter!(
@@ -125,6 +143,7 @@ pub fn check_finished(outcome: &Outcome, elapsed: Duration) {
         "decision" => row.decision.as_str(),
         "status" => row.http.label(),
         "reason" => row.reason,
+        "transport" => transport.as_str(),
     )
     .increment(1);
 }

@@ -27,7 +27,7 @@ use tracing::Instrument as _;
 use crate::authorizer::Authorizer;
 use crate::config::GrpcLimits;
 use crate::decision::{AllowedJwt, Outcome, Responder};
-use crate::metrics;
+use crate::metrics::{self, Transport};
 use crate::reflection;
 use crate::route::{Demand, RouteTable};
 use crate::telemetry;
@@ -83,14 +83,11 @@ impl CheckService {
     }
 }
 
-#[tonic::async_trait]
-impl Authorization for CheckService {
-    async fn check(
-        &self,
-        request: Request<CheckRequest>,
-    ) -> Result<Response<CheckResponse>, Status> {
+impl CheckService {
+    /// Decides, recording the Check in its span, the metrics and the debug log; `transport`
+    /// names the front door it came through.
+    pub async fn judge(&self, request: &CheckRequest, transport: Transport) -> Outcome {
         let started = Instant::now();
-        let request = request.into_inner();
         let span = tracing::info_span!(
             target: telemetry::SPAN_TARGET,
             "check",
@@ -98,25 +95,42 @@ impl Authorization for CheckService {
             otel.kind = "server",
             otel.status_code = tracing::field::Empty,
             rpc.system = "grpc",
-            "http.request.header.x-request-id" = request_id(&request),
+            "http.request.header.x-request-id" = request_id(request),
             authz.decision = tracing::field::Empty,
             authz.reason = tracing::field::Empty,
             http.response.status_code = tracing::field::Empty,
         );
-        telemetry::continue_trace(&span, &request);
-        let outcome = self.decide(&request).instrument(span.clone()).await;
+        telemetry::continue_trace(&span, request);
+        let outcome = self.decide(request).instrument(span.clone()).await;
         telemetry::record_outcome(&span, &outcome);
         drop(span);
-        metrics::check_finished(&outcome, started.elapsed());
+        metrics::check_finished(&outcome, started.elapsed(), transport);
         if tracing::enabled!(tracing::Level::DEBUG) {
             tracing::debug!(
-                request_id = request_id(&request),
+                request_id = request_id(request),
+                transport = transport.as_str(),
                 decision = outcome.row().decision.as_str(),
                 status = outcome.row().http.as_u16(),
                 reason = outcome.row().reason,
                 "check"
             );
         }
+        outcome
+    }
+
+    /// How outcomes are told to the caller.
+    pub fn responder(&self) -> &Responder {
+        &self.responder
+    }
+}
+
+#[tonic::async_trait]
+impl Authorization for CheckService {
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        let outcome = self.judge(&request.into_inner(), Transport::Grpc).await;
         Ok(Response::new(self.responder.respond(&outcome)))
     }
 }
@@ -133,7 +147,7 @@ fn request_id(request: &CheckRequest) -> &str {
 /// accepting and lets in-flight Checks finish.
 pub async fn serve_grpc(
     listener: TcpListener,
-    service: CheckService,
+    service: Arc<CheckService>,
     health: tonic_health::server::HealthReporter,
     health_service: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
@@ -158,7 +172,8 @@ pub async fn serve_grpc(
             HEALTH_DESCRIPTORS,
         ]))
         .add_service(
-            AuthorizationServer::new(service).max_decoding_message_size(limits.max_request_bytes),
+            AuthorizationServer::from_arc(service)
+                .max_decoding_message_size(limits.max_request_bytes),
         )
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
@@ -227,7 +242,7 @@ pub async fn serve_admin(
                 async move { ready(&readiness) }
             }),
         );
-    serve_http(listener, app, shutdown).await;
+    serve_http(listener, app, ADMIN_HEADER_READ_TIMEOUT, true, shutdown).await;
 }
 
 /// How long a client of the admin HTTP listener may take to send a request's headers, counted
@@ -236,25 +251,38 @@ pub async fn serve_admin(
 /// longer is closed.
 pub const ADMIN_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// HTTP/1 for `app` on `listener` until `shutdown` resolves; then stops accepting, lets requests
-/// under way finish and closes idle connections. `axum::serve` sets no header-read timeout, so
-/// each connection is served by hyper directly, with one.
-async fn serve_http(listener: TcpListener, app: Router, shutdown: impl Future<Output = ()>) {
-    let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
+/// HTTP/1 (and, unless `http1_only`, h2c) for `app` on `listener` until `shutdown` resolves;
+/// then stops accepting, lets requests under way finish and closes idle connections.
+/// `axum::serve` sets no header-read timeout, so each connection is served by hyper directly,
+/// with one: `header_read_timeout`.
+pub(crate) async fn serve_http(
+    listener: TcpListener,
+    app: Router,
+    header_read_timeout: Duration,
+    http1_only: bool,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    if http1_only {
+        builder = builder.http1_only();
+    }
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(ADMIN_HEADER_READ_TIMEOUT);
+        .header_read_timeout(header_read_timeout);
     let connections = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let stream = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    stream
+                }
                 Err(error) => {
                     // Out of file descriptors, most likely: pause rather than spin.
-                    tracing::warn!(%error, "admin listener: accept failed");
+                    tracing::warn!(%error, "HTTP listener: accept failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
@@ -266,7 +294,7 @@ async fn serve_http(listener: TcpListener, app: Router, shutdown: impl Future<Ou
         let connection = connections.watch(connection);
         tokio::spawn(async move {
             if let Err(error) = connection.await {
-                tracing::debug!(%error, "admin connection closed with an error");
+                tracing::debug!(%error, "HTTP connection closed with an error");
             }
         });
     }

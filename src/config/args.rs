@@ -42,6 +42,18 @@ pub struct Args {
     #[arg(long, default_value = "0.0.0.0:9090")]
     pub admin_listen: SocketAddr,
 
+    /// Address of the HTTP forward-auth listener (HTTP/1.1 and h2c) for nginx `auth_request`,
+    /// Caddy `forward_auth`, Traefik `forwardAuth`, HAProxy and Envoy's `http_service`: every
+    /// request to it is a Check. Off unless given.
+    #[arg(long)]
+    pub http_listen: Option<SocketAddr>,
+
+    /// With --http-listen: a path prefix the gateway puts before the original path (Envoy's
+    /// `http_service.path_prefix`), removed to find the path being checked when no
+    /// X-Forwarded-Uri or X-Original-URI header names it.
+    #[arg(long)]
+    pub http_path_prefix: Option<String>,
+
     /// Address of the admin gRPC listener (phantom_authz.admin.v1.Admin: token eviction).
     /// Off unless given; requires --admin-token-file. Keep it off the data-plane network.
     #[arg(long)]

@@ -13,6 +13,7 @@ impl Config {
         let introspection = introspection(&args)?;
         let redis = redis(&args)?;
         let admin_grpc = admin_grpc(&args)?;
+        let http = http(&args)?;
         let grpc_tls = tls_files(
             GRPC_TLS_FLAGS,
             args.grpc_tls_cert,
@@ -48,6 +49,7 @@ impl Config {
             grpc_tls,
             admin_listen: args.admin_listen,
             admin_grpc,
+            http,
             introspection,
             cache: CacheConfig {
                 default_ttl: args.default_cache_ttl,
@@ -211,6 +213,53 @@ fn redis(args: &Args) -> Result<Option<RedisConfig>, ConfigError> {
         ca_file: args.redis_ca_file.clone(),
         secret_file,
         timeout: args.redis_timeout,
+    }))
+}
+
+fn http(args: &Args) -> Result<Option<HttpConfig>, ConfigError> {
+    let Some(listen) = args.http_listen else {
+        if args.http_path_prefix.is_some() {
+            return Err(invalid(
+                "--http-path-prefix",
+                "has no use without --http-listen",
+            ));
+        }
+        return Ok(None);
+    };
+    if listen.port() != 0
+        && [
+            Some(args.grpc_listen),
+            Some(args.admin_listen),
+            args.admin_grpc_listen,
+        ]
+        .contains(&Some(listen))
+    {
+        return Err(invalid(
+            "--http-listen",
+            "must differ from the other listeners",
+        ));
+    }
+    let path_prefix = match args.http_path_prefix.as_deref() {
+        None => None,
+        Some(prefix)
+            if prefix.starts_with('/')
+                && prefix.len() > 1
+                && prefix
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b'?' && b != b'#') =>
+        {
+            Some(prefix.trim_end_matches('/').to_owned())
+        }
+        Some(_) => {
+            return Err(invalid(
+                "--http-path-prefix",
+                "must be a path such as /authz (starting with /, no query)",
+            ));
+        }
+    };
+    Ok(Some(HttpConfig {
+        listen,
+        path_prefix,
     }))
 }
 

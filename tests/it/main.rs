@@ -5,6 +5,7 @@
 mod cache;
 mod decisions;
 mod faults;
+mod forward;
 mod operations;
 mod probe;
 mod properties;

@@ -16,6 +16,8 @@ use super::{CLIENT_ID, CLIENT_SECRET, http_get, metric_at, shared_cache_secret_f
 pub(crate) struct App {
     pub(crate) grpc: SocketAddr,
     pub(crate) admin: SocketAddr,
+    /// The HTTP forward-auth listener, when started with `--http-listen`.
+    pub(crate) http: Option<SocketAddr>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -75,10 +77,11 @@ impl App {
                 app.run(listeners, handle, shutdown).await.unwrap();
             });
         });
-        let (grpc, admin, _) = addresses.recv().expect("the service did not start");
+        let bound = addresses.recv().expect("the service did not start");
         let app = App {
-            grpc,
-            admin,
+            grpc: bound.grpc,
+            admin: bound.admin,
+            http: bound.http,
             stop: Some(stop),
         };
         if extra.contains(&"--redis-url") {

@@ -1,0 +1,213 @@
+//! The second front door: HTTP forward-auth, for gateways that cannot speak gRPC ext_authz
+//! (nginx `auth_request`, Caddy `forward_auth`, Traefik `forwardAuth`, HAProxy, Envoy's
+//! `http_service`). Every request is a Check: it becomes the `CheckRequest` Envoy would have
+//! sent, goes through the same authorizer, caches and route table, and is answered with the
+//! same decision as an HTTP status and headers.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{HeaderMap, Method, Request, Response, StatusCode, header};
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::{
+    HttpRequest, Request as Attributes,
+};
+use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+use tokio::net::TcpListener;
+
+use crate::decision::Outcome;
+use crate::metrics::Transport;
+use crate::server::{self, CheckService};
+
+/// How long a gateway may take to send a request's headers, or keep a connection idle between
+/// requests, before the connection is closed: gateways send at once and reconnect at will.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Headers copied into the `CheckRequest` besides `authorization`: request ids and trace
+/// context, so logs and spans correlate as they do for Envoy's Checks.
+const PASSED_ON: &[&str] = &["x-request-id", "traceparent", "tracestate"];
+
+/// Serves forward-auth on `listener` until `shutdown` resolves, then drains.
+pub async fn serve(
+    listener: TcpListener,
+    checks: Arc<CheckService>,
+    path_prefix: Option<String>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let path_prefix: Option<Arc<str>> = path_prefix.map(Into::into);
+    let app = Router::new().fallback(move |request: Request<Body>| {
+        let checks = checks.clone();
+        let path_prefix = path_prefix.clone();
+        async move { answer(&checks, path_prefix.as_deref(), request).await }
+    });
+    server::serve_http(listener, app, HEADER_READ_TIMEOUT, false, shutdown).await;
+}
+
+async fn answer(
+    checks: &CheckService,
+    path_prefix: Option<&str>,
+    request: Request<Body>,
+) -> Response<Body> {
+    let outcome = match check_request(
+        request.method(),
+        request.uri(),
+        request.headers(),
+        path_prefix,
+    ) {
+        Ok(check) => checks.judge(&check, Transport::Http).await,
+        Err(outcome) => outcome,
+    };
+    let answer = checks.responder().http(&outcome);
+    let mut response = Response::builder()
+        .status(StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR));
+    if !answer.body.is_empty() {
+        response = response.header(header::CONTENT_TYPE, "application/json");
+    }
+    for (name, value) in answer.headers {
+        response = response.header(name, value);
+    }
+    response.body(Body::from(answer.body)).unwrap_or_else(|_| {
+        // Only a header value could fail, and they are checked when built: never an allow.
+        let mut failed = Response::new(Body::empty());
+        *failed.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        failed
+    })
+}
+
+/// The `CheckRequest` Envoy would send for the request a gateway asks about. The original
+/// method, host and URI come from `X-Forwarded-*` (Caddy, Traefik), `X-Original-*` (nginx), or
+/// the request itself (Envoy's `http_service`, after `path_prefix`).
+pub fn check_request(
+    method: &Method,
+    uri: &axum::http::Uri,
+    headers: &HeaderMap,
+    path_prefix: Option<&str>,
+) -> Result<CheckRequest, Outcome> {
+    let text = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
+    let mut authorization = headers.get_all(header::AUTHORIZATION).iter();
+    let mut map = HashMap::new();
+    match (authorization.next(), authorization.next()) {
+        (Some(_), Some(_)) => return Err(Outcome::MalformedRequest),
+        (Some(value), None) => {
+            let value = value.to_str().map_err(|_| Outcome::InvalidToken)?;
+            map.insert("authorization".to_owned(), value.to_owned());
+        }
+        (None, _) => {}
+    }
+    for name in PASSED_ON {
+        if let Some(value) = text(name) {
+            map.insert((*name).to_owned(), value.to_owned());
+        }
+    }
+    let method = text("x-forwarded-method")
+        .or_else(|| text("x-original-method"))
+        .unwrap_or(method.as_str())
+        .to_owned();
+    let host = text("x-forwarded-host")
+        .or_else(|| text(header::HOST.as_str()))
+        .or_else(|| uri.host())
+        .unwrap_or_default()
+        .to_owned();
+    let path = match text("x-forwarded-uri").or_else(|| text("x-original-uri")) {
+        Some(path) => path.to_owned(),
+        None => {
+            let path = uri.path_and_query().map_or("/", |p| p.as_str());
+            match path_prefix.and_then(|prefix| path.strip_prefix(prefix)) {
+                Some("") => "/".to_owned(),
+                Some(rest) if rest.starts_with(['/', '?']) => rest.to_owned(),
+                _ => path.to_owned(),
+            }
+        }
+    };
+    Ok(CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(Attributes {
+                http: Some(HttpRequest {
+                    method,
+                    host,
+                    path,
+                    headers: map,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::token;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(
+                axum::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value.parse().unwrap(),
+            );
+        }
+        map
+    }
+
+    fn http(request: &CheckRequest) -> &HttpRequest {
+        token::http_request(request).unwrap()
+    }
+
+    #[test]
+    fn the_original_request_comes_from_the_gateways_headers() {
+        let uri: axum::http::Uri = "/authz?x=1".parse().unwrap();
+        // Caddy and Traefik.
+        let caddy = headers(&[
+            ("authorization", "Bearer t"),
+            ("x-forwarded-method", "POST"),
+            ("x-forwarded-uri", "/orders/7?page=2"),
+            ("x-forwarded-host", "api.example"),
+        ]);
+        let request = check_request(&Method::GET, &uri, &caddy, None).unwrap();
+        assert_eq!(
+            (http(&request).method.as_str(), http(&request).path.as_str()),
+            ("POST", "/orders/7?page=2")
+        );
+        assert_eq!(http(&request).host, "api.example");
+        assert_eq!(http(&request).headers["authorization"], "Bearer t");
+        // nginx.
+        let nginx = headers(&[
+            ("x-original-method", "PUT"),
+            ("x-original-uri", "/a"),
+            ("host", "api.example"),
+        ]);
+        let request = check_request(&Method::GET, &uri, &nginx, None).unwrap();
+        assert_eq!(
+            (http(&request).method.as_str(), http(&request).path.as_str()),
+            ("PUT", "/a")
+        );
+        // Envoy's http_service: the path itself, after the prefix.
+        let envoy: axum::http::Uri = "/authz/orders/7".parse().unwrap();
+        let request =
+            check_request(&Method::DELETE, &envoy, &HeaderMap::new(), Some("/authz")).unwrap();
+        assert_eq!(
+            (http(&request).method.as_str(), http(&request).path.as_str()),
+            ("DELETE", "/orders/7")
+        );
+        let bare: axum::http::Uri = "/authz".parse().unwrap();
+        let request =
+            check_request(&Method::GET, &bare, &HeaderMap::new(), Some("/authz")).unwrap();
+        assert_eq!(http(&request).path, "/");
+    }
+
+    #[test]
+    fn several_authorization_headers_are_malformed() {
+        let uri: axum::http::Uri = "/".parse().unwrap();
+        let twice = headers(&[("authorization", "Bearer a"), ("authorization", "Bearer b")]);
+        assert_eq!(
+            check_request(&Method::GET, &uri, &twice, None),
+            Err(Outcome::MalformedRequest)
+        );
+    }
+}
