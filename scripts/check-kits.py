@@ -209,7 +209,8 @@ def check_envoy_http_service(rel, cfg, clusters):
 
 def check_haproxy(rel, text):
     """What the HAProxy config must say: the Lua action, the JWT set, the claim header dropped."""
-    for needle in ("lua-load", "lua.auth-request", "set-header Authorization", "del-header X-User-Id"):
+    for needle in ("lua-load", "lua.auth-request", "set-header Authorization", "del-header X-User-Id",
+                   "set-header X-Forwarded-Uri"):
         if needle not in text:
             problem(rel, f"haproxy config does not contain {needle!r}")
 

@@ -25,8 +25,8 @@ use crate::cache::evictions;
 use crate::cache::local::LocalCache;
 use crate::cache::redis::{self, CacheSecrets, RedisCache, SecretFileError};
 use crate::config::{
-    ADMIN_GRPC_TLS_FLAGS, Config, GRPC_TLS_FLAGS, GrpcLimits, GrpcTls, IntrospectionMode, Secret,
-    SecretSource, TlsFlags,
+    ADMIN_GRPC_TLS_FLAGS, Config, GRPC_TLS_FLAGS, GrpcLimits, GrpcTls, HttpConfig,
+    IntrospectionMode, Secret, SecretSource, TlsFlags,
 };
 use crate::decision::Responder;
 use crate::forward;
@@ -83,7 +83,7 @@ pub struct App {
     mode: IntrospectionMode,
     max_token_length: usize,
     grace: Duration,
-    http_path_prefix: Option<String>,
+    http: Option<HttpConfig>,
 }
 
 /// The admin gRPC API, ready to serve.
@@ -211,10 +211,7 @@ impl App {
                 admin_grpc: config.admin_grpc.as_ref().map(|admin| admin.listen),
                 http: config.http.as_ref().map(|http| http.listen),
             },
-            http_path_prefix: config
-                .http
-                .as_ref()
-                .and_then(|http| http.path_prefix.clone()),
+            http: config.http.clone(),
             mode: config.introspection.mode,
             max_token_length: config.max_token_length,
             grace: config.shutdown_grace,
@@ -337,12 +334,12 @@ impl App {
             });
             tasks.push(("admin gRPC", task));
         }
-        if let Some(listener) = http {
+        if let (Some(listener), Some(config)) = (http, self.http.clone()) {
             let shutdown = draining(deadline_rx.clone());
             let task = tokio::spawn(forward::serve(
                 listener,
                 self.checks.clone(),
-                self.http_path_prefix.clone(),
+                config,
                 shutdown,
             ));
             tasks.push(("HTTP forward-auth", task));

@@ -6,7 +6,7 @@ pub mod args;
 pub mod load;
 mod validate;
 
-pub use args::{Args, IntrospectionMode, LogFormat, parse_bytes, parse_duration};
+pub use args::{Args, IntrospectionMode, LogFormat, OriginalRequest, parse_bytes, parse_duration};
 
 use crate::decision::ClaimName;
 use crate::route::RouteTable;
@@ -75,7 +75,9 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
     pub listen: SocketAddr,
-    /// Removed from the request path to find the path being checked.
+    /// Where the request being checked is described.
+    pub original: OriginalRequest,
+    /// Removed from the request path to find the path being checked (with `Path`).
     pub path_prefix: Option<String>,
 }
 

@@ -18,6 +18,7 @@ use envoy_types::pb::envoy::service::auth::v3::attribute_context::{
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
 use tokio::net::TcpListener;
 
+use crate::config::{HttpConfig, OriginalRequest};
 use crate::decision::Outcome;
 use crate::metrics::Transport;
 use crate::server::{self, CheckService};
@@ -34,29 +35,24 @@ const PASSED_ON: &[&str] = &["x-request-id", "traceparent", "tracestate"];
 pub async fn serve(
     listener: TcpListener,
     checks: Arc<CheckService>,
-    path_prefix: Option<String>,
+    config: HttpConfig,
     shutdown: impl Future<Output = ()>,
 ) {
-    let path_prefix: Option<Arc<str>> = path_prefix.map(Into::into);
+    let config = Arc::new(config);
     let app = Router::new().fallback(move |request: Request<Body>| {
         let checks = checks.clone();
-        let path_prefix = path_prefix.clone();
-        async move { answer(&checks, path_prefix.as_deref(), request).await }
+        let config = config.clone();
+        async move { answer(&checks, &config, request).await }
     });
     server::serve_http(listener, app, HEADER_READ_TIMEOUT, false, shutdown).await;
 }
 
 async fn answer(
     checks: &CheckService,
-    path_prefix: Option<&str>,
+    config: &HttpConfig,
     request: Request<Body>,
 ) -> Response<Body> {
-    let outcome = match check_request(
-        request.method(),
-        request.uri(),
-        request.headers(),
-        path_prefix,
-    ) {
+    let outcome = match check_request(request.method(), request.uri(), request.headers(), config) {
         Ok(check) => checks.judge(&check, Transport::Http).await,
         Err(outcome) => outcome,
     };
@@ -78,13 +74,15 @@ async fn answer(
 }
 
 /// The `CheckRequest` Envoy would send for the request a gateway asks about. The original
-/// method, host and URI come from `X-Forwarded-*` (Caddy, Traefik), `X-Original-*` (nginx), or
-/// the request itself (Envoy's `http_service`, after `path_prefix`).
+/// method, host and URI come from where `config` says the gateway puts them: `X-Forwarded-*`
+/// (Caddy, Traefik, HAProxy), `X-Original-*` (nginx), or the request itself (Envoy's
+/// `http_service`, after the path prefix). Only that convention is read: headers of another
+/// could come from the client, passed through by the gateway.
 pub fn check_request(
     method: &Method,
     uri: &axum::http::Uri,
     headers: &HeaderMap,
-    path_prefix: Option<&str>,
+    config: &HttpConfig,
 ) -> Result<CheckRequest, Outcome> {
     let text = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
     let mut authorization = headers.get_all(header::AUTHORIZATION).iter();
@@ -102,26 +100,33 @@ pub fn check_request(
             map.insert((*name).to_owned(), value.to_owned());
         }
     }
-    let method = text("x-forwarded-method")
-        .or_else(|| text("x-original-method"))
-        .unwrap_or(method.as_str())
-        .to_owned();
-    let host = text("x-forwarded-host")
-        .or_else(|| text(header::HOST.as_str()))
-        .or_else(|| uri.host())
-        .unwrap_or_default()
-        .to_owned();
-    let path = match text("x-forwarded-uri").or_else(|| text("x-original-uri")) {
-        Some(path) => path.to_owned(),
-        None => {
-            let path = uri.path_and_query().map_or("/", |p| p.as_str());
-            match path_prefix.and_then(|prefix| path.strip_prefix(prefix)) {
-                Some("") => "/".to_owned(),
-                Some(rest) if rest.starts_with(['/', '?']) => rest.to_owned(),
-                _ => path.to_owned(),
-            }
+    let own_host = || text(header::HOST.as_str()).or_else(|| uri.host());
+    let own_path = || {
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        match config
+            .path_prefix
+            .as_deref()
+            .and_then(|prefix| path.strip_prefix(prefix))
+        {
+            Some("") => "/".to_owned(),
+            Some(rest) if rest.starts_with(['/', '?']) => rest.to_owned(),
+            _ => path.to_owned(),
         }
     };
+    let (method, host, path) = match config.original {
+        OriginalRequest::XForwarded => (
+            text("x-forwarded-method").unwrap_or(method.as_str()),
+            text("x-forwarded-host").or_else(own_host),
+            text("x-forwarded-uri").map_or_else(own_path, str::to_owned),
+        ),
+        OriginalRequest::XOriginal => (
+            text("x-original-method").unwrap_or(method.as_str()),
+            own_host(),
+            text("x-original-uri").map_or_else(own_path, str::to_owned),
+        ),
+        OriginalRequest::Path => (method.as_str(), own_host(), own_path()),
+    };
+    let (method, host) = (method.to_owned(), host.unwrap_or_default().to_owned());
     Ok(CheckRequest {
         attributes: Some(AttributeContext {
             request: Some(Attributes {
@@ -159,6 +164,14 @@ mod tests {
         token::http_request(request).unwrap()
     }
 
+    fn config(original: OriginalRequest, path_prefix: Option<&str>) -> HttpConfig {
+        HttpConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            original,
+            path_prefix: path_prefix.map(str::to_owned),
+        }
+    }
+
     #[test]
     fn the_original_request_comes_from_the_gateways_headers() {
         let uri: axum::http::Uri = "/authz?x=1".parse().unwrap();
@@ -169,7 +182,8 @@ mod tests {
             ("x-forwarded-uri", "/orders/7?page=2"),
             ("x-forwarded-host", "api.example"),
         ]);
-        let request = check_request(&Method::GET, &uri, &caddy, None).unwrap();
+        let forwarded = config(OriginalRequest::XForwarded, None);
+        let request = check_request(&Method::GET, &uri, &caddy, &forwarded).unwrap();
         assert_eq!(
             (http(&request).method.as_str(), http(&request).path.as_str()),
             ("POST", "/orders/7?page=2")
@@ -182,22 +196,31 @@ mod tests {
             ("x-original-uri", "/a"),
             ("host", "api.example"),
         ]);
-        let request = check_request(&Method::GET, &uri, &nginx, None).unwrap();
+        let original = config(OriginalRequest::XOriginal, None);
+        let request = check_request(&Method::GET, &uri, &nginx, &original).unwrap();
         assert_eq!(
             (http(&request).method.as_str(), http(&request).path.as_str()),
             ("PUT", "/a")
         );
+        // A convention the gateway does not use is the client's word: ignored.
+        let request = check_request(&Method::GET, &uri, &nginx, &forwarded).unwrap();
+        assert_eq!(
+            (http(&request).method.as_str(), http(&request).path.as_str()),
+            ("GET", "/authz?x=1")
+        );
+        let request = check_request(&Method::GET, &uri, &caddy, &original).unwrap();
+        assert_eq!(http(&request).path, "/authz?x=1");
         // Envoy's http_service: the path itself, after the prefix.
         let envoy: axum::http::Uri = "/authz/orders/7".parse().unwrap();
-        let request =
-            check_request(&Method::DELETE, &envoy, &HeaderMap::new(), Some("/authz")).unwrap();
+        let path = config(OriginalRequest::Path, Some("/authz"));
+        // Even X-Forwarded-* (from the client, through Envoy) are ignored in this mode.
+        let request = check_request(&Method::DELETE, &envoy, &caddy, &path).unwrap();
         assert_eq!(
             (http(&request).method.as_str(), http(&request).path.as_str()),
             ("DELETE", "/orders/7")
         );
         let bare: axum::http::Uri = "/authz".parse().unwrap();
-        let request =
-            check_request(&Method::GET, &bare, &HeaderMap::new(), Some("/authz")).unwrap();
+        let request = check_request(&Method::GET, &bare, &HeaderMap::new(), &path).unwrap();
         assert_eq!(http(&request).path, "/");
     }
 
@@ -206,7 +229,12 @@ mod tests {
         let uri: axum::http::Uri = "/".parse().unwrap();
         let twice = headers(&[("authorization", "Bearer a"), ("authorization", "Bearer b")]);
         assert_eq!(
-            check_request(&Method::GET, &uri, &twice, None),
+            check_request(
+                &Method::GET,
+                &uri,
+                &twice,
+                &config(OriginalRequest::XForwarded, None)
+            ),
             Err(Outcome::MalformedRequest)
         );
     }

@@ -48,9 +48,16 @@ pub struct Args {
     #[arg(long)]
     pub http_listen: Option<SocketAddr>,
 
-    /// With --http-listen: a path prefix the gateway puts before the original path (Envoy's
-    /// `http_service.path_prefix`), removed to find the path being checked when no
-    /// X-Forwarded-Uri or X-Original-URI header names it.
+    /// With --http-listen: where the request being checked is described, by the gateway and
+    /// never by the client (the gateway must set these headers itself). `x-forwarded`:
+    /// X-Forwarded-Method, X-Forwarded-Uri and X-Forwarded-Host (Caddy, Traefik, HAProxy).
+    /// `x-original`: X-Original-Method, X-Original-URI and Host (nginx). `path`: the request
+    /// itself, after --http-path-prefix (Envoy's `http_service`). The others are ignored.
+    #[arg(long, value_enum, default_value = "x-forwarded")]
+    pub http_original_request: OriginalRequest,
+
+    /// With --http-original-request path: a prefix the gateway puts before the original path
+    /// (Envoy's `http_service.path_prefix`), removed to find it.
     #[arg(long)]
     pub http_path_prefix: Option<String>,
 
@@ -245,6 +252,17 @@ pub struct Args {
     /// variables tune batching and sampling.
     #[arg(long)]
     pub otlp_endpoint: Option<String>,
+}
+
+/// Which headers of a forward-auth request describe the request being checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OriginalRequest {
+    /// X-Forwarded-Method, X-Forwarded-Uri, X-Forwarded-Host.
+    XForwarded,
+    /// X-Original-Method, X-Original-URI, Host.
+    XOriginal,
+    /// The forward-auth request's own method, path (after the prefix) and Host.
+    Path,
 }
 
 /// How the identity server is asked for the JWT.

@@ -257,8 +257,15 @@ fn http(args: &Args) -> Result<Option<HttpConfig>, ConfigError> {
             ));
         }
     };
+    if path_prefix.is_some() && args.http_original_request != OriginalRequest::Path {
+        return Err(invalid(
+            "--http-path-prefix",
+            "needs --http-original-request path",
+        ));
+    }
     Ok(Some(HttpConfig {
         listen,
+        original: args.http_original_request,
         path_prefix,
     }))
 }

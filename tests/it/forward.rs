@@ -121,53 +121,66 @@ async fn asked_directly_it_answers_as_over_grpc() {
 }
 
 #[tokio::test]
-async fn the_route_table_sees_the_original_request_from_the_gateways_headers() {
+async fn the_route_table_sees_the_original_request_where_the_gateway_puts_it() {
     let idp = idp().await;
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("routes.toml");
-    std::fs::write(
-        &file,
-        "unmatched-routes = \"deny\"\n[[route]]\npath-prefix = \"/open\"\n",
-    )
-    .unwrap();
-    let app = app(
-        &idp,
-        &[
-            "--config",
-            file.to_str().unwrap(),
-            "--http-path-prefix",
-            "/authz",
-        ],
-    )
-    .await;
-    let base = format!("http://{}", app.http.unwrap());
+    let (_dir, routes) = routes();
     let client = http_client();
-    let status = async |path: &str, headers: &[(&str, &str)]| {
+    for (mode, path, headers, expected) in [
+        // Caddy, Traefik, HAProxy: X-Forwarded-*; nginx's convention is then the client's word.
+        (
+            "x-forwarded",
+            "/authz",
+            &[("x-forwarded-uri", "/orders/1")][..],
+            200,
+        ),
+        (
+            "x-forwarded",
+            "/authz",
+            &[("x-forwarded-uri", "/admin")][..],
+            403,
+        ),
+        (
+            "x-forwarded",
+            "/authz",
+            &[("x-original-uri", "/orders/1")][..],
+            403,
+        ),
+        // nginx: X-Original-*, and X-Forwarded-* are ignored.
+        (
+            "x-original",
+            "/authz",
+            &[("x-original-uri", "/orders/2")][..],
+            200,
+        ),
+        (
+            "x-original",
+            "/authz",
+            &[("x-forwarded-uri", "/orders/2")][..],
+            403,
+        ),
+        // Envoy's http_service: the path after the prefix.
+        ("path", "/authz/orders/3", &[][..], 200),
+        (
+            "path",
+            "/authz/admin",
+            &[("x-forwarded-uri", "/orders/3")][..],
+            403,
+        ),
+    ] {
+        let mut args = vec!["--config", routes.as_str(), "--http-original-request", mode];
+        if mode == "path" {
+            args.extend(["--http-path-prefix", "/authz"]);
+        }
+        let app = app(&idp, &args).await;
         let mut request = client
-            .get(format!("{base}{path}"))
+            .get(format!("http://{}{path}", app.http.unwrap()))
             .header("authorization", "Bearer alice");
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
-        request.send().await.unwrap().status().as_u16()
-    };
-    // Caddy and Traefik say where the request was going…
-    assert_eq!(
-        status("/authz", &[("x-forwarded-uri", "/open/door")]).await,
-        200
-    );
-    assert_eq!(
-        status("/authz", &[("x-forwarded-uri", "/closed")]).await,
-        403
-    );
-    // …so does nginx…
-    assert_eq!(
-        status("/authz", &[("x-original-uri", "/open/1")]).await,
-        200
-    );
-    // …and Envoy's http_service puts it after the prefix.
-    assert_eq!(status("/authz/open/2", &[]).await, 200);
-    assert_eq!(status("/authz/closed", &[]).await, 403);
+        let status = request.send().await.unwrap().status().as_u16();
+        assert_eq!(status, expected, "{mode} {path} {headers:?}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -312,6 +325,19 @@ async fn caddy(authz: SocketAddr, upstream: SocketAddr) -> Gateway {
     }
 }
 
+/// A route table letting `/orders` through and nothing else, as a `--config` file.
+fn routes() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("routes.toml");
+    std::fs::write(
+        &file,
+        "unmatched-routes = \"deny\"\n[[route]]\npath-prefix = \"/orders\"\n",
+    )
+    .unwrap();
+    let path = file.to_str().unwrap().to_owned();
+    (dir, path)
+}
+
 /// What every gateway must do with phantom-authz behind it.
 async fn through(gateway: &Gateway, upstream: &Upstream, idp: &Idp) {
     let client = http_client();
@@ -379,13 +405,31 @@ async fn through(gateway: &Gateway, upstream: &Upstream, idp: &Idp) {
     // The IdP down: an error status, never the upstream.
     let response = get(Some("unavailable-1")).await;
     assert_eq!(response.status(), 503);
+    // A client claiming, in either convention, to ask for an open route gets nothing: the
+    // route is judged by what the gateway says.
+    let spoofed = client
+        .get(format!("http://{}/admin", gateway.addr))
+        .header("authorization", "Bearer alice")
+        .header("x-forwarded-uri", "/orders/1")
+        .header("x-forwarded-method", "GET")
+        .header("x-original-uri", "/orders/1")
+        .header("x-original-method", "GET")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(spoofed.status(), 403);
     assert_eq!(upstream.hits(), hits);
 }
 
 #[tokio::test]
 async fn nginx_auth_request_with_the_shipped_config() {
     let idp = idp().await;
-    let app = app(&idp, &[]).await;
+    let (_dir, routes) = routes();
+    let app = app(
+        &idp,
+        &["--http-original-request", "x-original", "--config", &routes],
+    )
+    .await;
     let upstream = Upstream::start().await;
     let nginx = nginx(app.http.unwrap(), upstream.addr).await;
     through(&nginx, &upstream, &idp).await;
@@ -394,7 +438,8 @@ async fn nginx_auth_request_with_the_shipped_config() {
 #[tokio::test]
 async fn caddy_forward_auth_with_the_shipped_config() {
     let idp = idp().await;
-    let app = app(&idp, &[]).await;
+    let (_dir, routes) = routes();
+    let app = app(&idp, &["--config", &routes]).await;
     let upstream = Upstream::start().await;
     let caddy = caddy(app.http.unwrap(), upstream.addr).await;
     through(&caddy, &upstream, &idp).await;
