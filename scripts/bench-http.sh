@@ -25,7 +25,7 @@ need curl curl
 [ "$(nproc)" -ge 2 ] || die "needs at least 2 CPUs"
 
 log "building release binaries"
-cargo build --release --bin phantom-authz --example scripted_idp --example noop_forward_auth
+cargo build --locked --release --bin phantom-authz --example scripted_idp --example noop_forward_auth
 BIN=${CARGO_TARGET_DIR:-target}/release
 
 WORK=$(mktemp -d)

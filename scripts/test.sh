@@ -13,6 +13,8 @@ apt_install() {
         policy=/usr/sbin/policy-rc.d
         printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
         $sudo chmod +x "$policy"
+        # Removed however the install ends, so that no service start stays blocked.
+        trap "$sudo rm -f /usr/sbin/policy-rc.d" EXIT
     fi
     if ! $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null 2>&1; then
         $sudo apt-get update -qq

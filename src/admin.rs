@@ -32,7 +32,8 @@ impl std::fmt::Debug for EvictTokenRequest {
     }
 }
 
-/// Bound on one admin call; an eviction itself is bounded by the Redis timeout.
+/// Bound on one admin call; an eviction takes at most two Redis timeouts and the 2 s wait for
+/// replicas' confirmations.
 const ADMIN_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The admin API: evicts tokens through the authorizer's cache tiers.
@@ -91,8 +92,8 @@ impl Admin for AdminService {
             Err(error) => {
                 tracing::warn!(key = ?key, %error, "eviction did not reach redis");
                 Err(Status::unavailable(
-                    "redis did not answer: this replica dropped its copy, but the entry may live \
-                     on in Redis and on other replicas; retry",
+                    "redis did not answer: this replica dropped its copy, but other replicas may \
+                     not have heard of the eviction (and the Redis entry may remain); retry",
                 ))
             }
         }

@@ -149,8 +149,14 @@ impl App {
                 let secrets = read_cache_secrets(&redis.secret_file)?;
                 // A tombstone outlives any lookup that could have begun before its eviction:
                 // a Redis read, an introspection, and the write that follows.
-                let tombstone_ttl =
-                    config.introspection.timeout + 2 * redis.timeout + Duration::from_secs(5);
+                // Saturating, and within a day: an absurd timeout must neither panic here nor
+                // make every tombstone's SET fail.
+                let tombstone_ttl = config
+                    .introspection
+                    .timeout
+                    .saturating_add(redis.timeout.saturating_mul(2))
+                    .saturating_add(Duration::from_secs(5))
+                    .min(Duration::from_secs(24 * 3600));
                 let cache = RedisCache::new(&redis.url, ca, secrets, redis.timeout, tombstone_ttl)?;
                 Some(Arc::new(cache))
             }

@@ -208,7 +208,8 @@ impl Authorizer {
         };
         let entry = CachedJwt {
             grant: Grant::new(&active.jwt, active.claims),
-            expires_at_ms: now_ms.saturating_add(ttl.as_millis() as u64),
+            expires_at_ms: now_ms
+                .saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
         };
         if !ttl.is_zero() {
             let fresh = self.remember_locally(since, key, &entry);
@@ -348,9 +349,12 @@ pub fn cache_ttl(
         ttl = ttl.min(Duration::from_millis(exp_ms - now_ms));
     }
     if let Some(exp) = active.response_exp {
-        ttl = ttl.min(Duration::from_millis(
-            exp.saturating_mul(1000).saturating_sub(now_ms),
-        ));
+        let exp_ms = exp.saturating_mul(1000);
+        // The IdP's answer itself says the token has expired: as good as an expired JWT.
+        if exp_ms <= now_ms {
+            return None;
+        }
+        ttl = ttl.min(Duration::from_millis(exp_ms - now_ms));
     }
     Some(ttl)
 }
@@ -705,6 +709,9 @@ mod tests {
             cache_ttl(&json, default, max, now),
             Some(Duration::from_secs(5))
         );
+        // The response's own `exp` already past: expired, whatever the JWT says.
+        json.response_exp = Some(now / 1000 - 1);
+        assert_eq!(cache_ttl(&json, default, max, now), None);
         // An absurd max-age is capped, never overflowing.
         assert_eq!(
             ttl(CacheDirective::MaxAge(Duration::from_secs(u64::MAX)), None),

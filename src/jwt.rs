@@ -1,9 +1,10 @@
-//! The compact JWS shape every JWT we forward must have, and the `exp` it carries. Pure.
+//! The compact JWS shape every JWT we forward must have, and the claims read from it. Pure.
 //!
 //! phantom-authz does not verify signatures (the API behind the gateway does); it checks that
 //! what it forwards is three non-empty base64url parts, nothing else (so nothing that could
-//! break out of a header), with a JSON object payload, and reads `exp` so that no JWT is ever
-//! handed out after it expired.
+//! break out of a header), with a JSON object payload, reads `exp` so that no JWT is ever handed
+//! out after it expired, and reads `sub`, `client_id`, the scopes and the audiences that routes
+//! are checked against and Envoy is told.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -131,8 +132,9 @@ pub fn claims(jwt: &str) -> Result<Claims, Malformed> {
         scopes: list("scp"),
         audiences: list("aud"),
     };
-    if let Some(scope) = string("scope") {
-        claims.add_scopes(&scope);
+    // Bounded scope by scope, not as a whole: a token with many scopes keeps them.
+    if let Some(serde_json::Value::String(scope)) = payload.get("scope") {
+        claims.add_scopes(scope);
     }
     Ok(claims)
 }

@@ -9,7 +9,7 @@
 //! - [`introspection`]: the HTTP client for the identity server and the parsing of its answers.
 //! - [`authorizer`]: the flow itself: local cache, Redis, one introspection per token, TTL choice.
 //! - [`decision`]: the one place where outcomes become HTTP statuses, gRPC codes and headers. Pure.
-//! - [`jwt`]: the compact JWT shape and `exp` that every forwarded JWT is checked for. Pure.
+//! - [`jwt`]: the compact JWT shape every forwarded JWT is checked for, and its claims. Pure.
 //!
 //! [`forward`] is a second front door, HTTP forward-auth for gateways that cannot speak gRPC,
 //! onto the same line.

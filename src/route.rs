@@ -95,12 +95,12 @@ impl RouteTable {
         let http = token::http_request(request);
         let method = http.map_or("", |http| http.method.as_str());
         let path = http.map_or("", |http| http.path.as_str());
-        let path = path.split(['?', '#']).next().unwrap_or_default();
+        let path = normalize_path(path.split(['?', '#']).next().unwrap_or_default());
         let host = http.map_or("", |http| http.host.as_str());
         match self
             .rules
             .iter()
-            .find(|rule| rule.matches(host, path, method))
+            .find(|rule| rule.matches(host, &path, method))
         {
             Some(rule) if rule.scopes.is_empty() && rule.audience.is_none() => Demand::Nothing,
             Some(rule) => Demand::Require {
@@ -125,7 +125,9 @@ impl Rule {
                     host
                 }
             });
-            host.eq_ignore_ascii_case(wanted)
+            // `api.example.` is `api.example`.
+            let host = host.strip_suffix('.').unwrap_or(host);
+            host.eq_ignore_ascii_case(wanted.strip_suffix('.').unwrap_or(wanted))
         });
         let path_matches = match &self.path {
             PathMatch::Any => true,
@@ -136,6 +138,56 @@ impl Rule {
             self.methods.is_empty() || self.methods.iter().any(|m| m.eq_ignore_ascii_case(method));
         host_matches && path_matches && method_matches
     }
+}
+
+/// The path as the API will understand it (RFC 3986 §6.2.2): percent-encoded unreserved
+/// characters decoded (`%61` is `a`), repeated slashes merged and dot segments removed, so that
+/// `//admin`, `/./admin`, `/%61dmin` and `/public/../admin` all meet the rules for `/admin`.
+/// Other percent-encodings (`%2F`) stay as they are.
+pub fn normalize_path(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let mut decoded = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let byte = bytes[i];
+        if byte == b'%'
+            && let Some(hex) = path.get(i + 1..i + 3)
+            && let Ok(value) = u8::from_str_radix(hex, 16)
+            && (value.is_ascii_alphanumeric() || matches!(value, b'-' | b'.' | b'_' | b'~'))
+        {
+            decoded.push(char::from(value));
+            i += 3;
+            continue;
+        }
+        // `path` is a `&str`: copy its characters, not its bytes.
+        let ch = path[i..].chars().next().unwrap_or_default();
+        decoded.push(ch);
+        i += ch.len_utf8();
+    }
+    let mut segments: Vec<&str> = Vec::new();
+    for segment in decoded.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            segment => segments.push(segment),
+        }
+    }
+    let mut normalized = String::with_capacity(decoded.len() + 1);
+    for segment in &segments {
+        normalized.push('/');
+        normalized.push_str(segment);
+    }
+    // A trailing slash is kept: `/orders/` and `/orders` may differ to the API.
+    if decoded.ends_with('/')
+        || decoded.ends_with("/.")
+        || decoded.ends_with("/..")
+        || segments.is_empty()
+    {
+        normalized.push('/');
+    }
+    normalized
 }
 
 fn from_extensions<'a>(scopes: Option<&'a str>, audience: Option<&'a str>) -> Demand<'a> {
@@ -290,6 +342,50 @@ mod tests {
             table.demand(&request("GET", "api.example", "/healthz", &[])),
             Demand::NoRoute
         );
+    }
+
+    #[test]
+    fn paths_are_matched_as_the_api_will_read_them() {
+        for (raw, normal) in [
+            ("/admin", "/admin"),
+            ("//admin", "/admin"),
+            ("/./admin", "/admin"),
+            ("/%61dmin", "/admin"),
+            ("/public/../admin", "/admin"),
+            ("/a/b/../../admin/", "/admin/"),
+            ("/../admin", "/admin"),
+            ("/", "/"),
+            ("", "/"),
+            ("/a%2Fb", "/a%2Fb"),
+            ("/caf\u{e9}/x", "/caf\u{e9}/x"),
+            ("/x%", "/x%"),
+        ] {
+            assert_eq!(normalize_path(raw), normal, "{raw:?}");
+        }
+        let table = RouteTable {
+            rules: vec![Rule {
+                path: PathMatch::Prefix("/admin".into()),
+                scopes: vec!["admin".into()],
+                ..Rule::default()
+            }],
+            unmatched: Unmatched::Allow,
+        };
+        for sneaky in [
+            "//admin",
+            "/./admin/x",
+            "/%61dmin",
+            "/public/../admin",
+            "/admin?x=/y",
+        ] {
+            assert_eq!(
+                table.demand(&request("GET", "api.example.", sneaky, &[])),
+                Demand::Require {
+                    scopes: vec!["admin"],
+                    audience: None
+                },
+                "{sneaky}"
+            );
+        }
     }
 
     #[test]

@@ -91,10 +91,13 @@ impl CheckService {
         let span = tracing::info_span!(
             target: telemetry::SPAN_TARGET,
             "check",
-            otel.name = "envoy.service.auth.v3.Authorization/Check",
+            otel.name = match transport {
+                Transport::Grpc => "envoy.service.auth.v3.Authorization/Check",
+                Transport::Http => "forward-auth check",
+            },
             otel.kind = "server",
             otel.status_code = tracing::field::Empty,
-            rpc.system = "grpc",
+            authz.transport = transport.as_str(),
             "http.request.header.x-request-id" = request_id(request),
             authz.decision = tracing::field::Empty,
             authz.reason = tracing::field::Empty,

@@ -44,7 +44,7 @@ impl<V: Clone + Weigh> LocalCache<V> {
     pub fn new(max_entries: usize, max_bytes: u64) -> Self {
         Self {
             inner: Mutex::new(Inner {
-                map: HashMap::with_hasher(DigestHash),
+                map: HashMap::with_hasher(DigestHash::random()),
                 bytes: 0,
                 generation: 0,
             }),
@@ -206,33 +206,74 @@ fn entry_size(value: &impl Weigh) -> u64 {
     value.weight() + ENTRY_OVERHEAD
 }
 
-/// Keys are SHA-256 digests: their first eight bytes are already a uniform hash.
-#[derive(Clone, Copy, Default)]
-struct DigestHash;
+/// Keys are SHA-256 digests, but of tokens a client chooses: unkeyed, their bits could be ground
+/// (about 2^16 hashes a token) into keys that share a bucket, and the inactive tier stores any
+/// token a client sends. So each cache mixes the digest's first eight bytes with keys of its
+/// own, drawn at random: one 128-bit multiply, and nothing to aim at.
+#[derive(Clone, Copy)]
+struct DigestHash {
+    k0: u64,
+    k1: u64,
+}
+
+impl DigestHash {
+    fn random() -> Self {
+        let mut bytes = [0u8; 16];
+        // Without randomness, a clock-derived key still differs per process and per start.
+        if getrandom::fill(&mut bytes).is_err() {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            bytes = nanos.to_le_bytes();
+        }
+        let (k0, k1) = bytes.split_at(8);
+        Self {
+            k0: u64::from_le_bytes(k0.try_into().unwrap_or_default()),
+            // Odd, so that the multiply loses nothing.
+            k1: u64::from_le_bytes(k1.try_into().unwrap_or_default()) | 1,
+        }
+    }
+}
 
 impl BuildHasher for DigestHash {
     type Hasher = DigestHasher;
     fn build_hasher(&self) -> DigestHasher {
-        DigestHasher(0)
+        DigestHasher {
+            keys: *self,
+            state: 0,
+        }
     }
 }
 
-struct DigestHasher(u64);
+struct DigestHasher {
+    keys: DigestHash,
+    state: u64,
+}
+
+impl DigestHasher {
+    /// The folded 128-bit product: every output bit depends on every input bit and both keys.
+    fn mix(&self, word: u64) -> u64 {
+        let product = u128::from(word ^ self.keys.k0) * u128::from(self.keys.k1);
+        (product as u64) ^ ((product >> 64) as u64)
+    }
+}
 
 impl Hasher for DigestHasher {
     fn finish(&self) -> u64 {
-        self.0
+        self.state
     }
 
     fn write_u64(&mut self, word: u64) {
-        // `CacheKey` hashes as one `write_u64` of digest bytes: use them as they are.
-        self.0 = word;
+        // `CacheKey` hashes as one `write_u64` of digest bytes.
+        self.state = self.mix(self.state ^ word);
     }
 
     fn write(&mut self, bytes: &[u8]) {
-        // Not reached for `CacheKey`; a plain FNV-1a keeps the hasher correct for anything else.
-        for &byte in bytes {
-            self.0 = (self.0 ^ u64::from(byte)).wrapping_mul(0x100_0000_01b3);
+        // Not reached for `CacheKey`; kept correct for anything else, eight bytes at a time.
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
         }
     }
 }

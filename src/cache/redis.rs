@@ -4,7 +4,8 @@
 //! For each token and each secret of `--cache-secret-file`, HKDF-SHA256 (salt: the secret,
 //! input: the token) gives two independent outputs: the key's name,
 //! `phantom-authz:v2:<hex>`, and the AES-256-GCM key that seals its value,
-//! `nonce ‖ AES-256-GCM(expiry ‖ Authorization)`, with the name as associated data. The first
+//! `nonce ‖ AES-256-GCM(expiry ‖ claims length ‖ claims ‖ Authorization)`, with the name as
+//! associated data. The first
 //! secret names and seals new entries; every secret is tried when reading, so a secret can be
 //! rotated without a flush. A value that opens is still checked like an IdP answer (a compact
 //! JWT that has not expired) before it is used. The TTL lives in Redis (one `SET … PX NX`).
