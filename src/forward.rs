@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 
 use crate::config::{HttpConfig, OriginalRequest};
 use crate::decision::Outcome;
-use crate::metrics::Transport;
+use crate::metrics::{self, Transport};
 use crate::server::{self, CheckService};
 
 /// How long a gateway may take to send a request's headers, or keep a connection idle between
@@ -54,7 +54,11 @@ async fn answer(
 ) -> Response<Body> {
     let outcome = match check_request(request.method(), request.uri(), request.headers(), config) {
         Ok(check) => checks.judge(&check, Transport::Http).await,
-        Err(outcome) => outcome,
+        Err(outcome) => {
+            // Refused before it became a Check (two Authorization headers): counted all the same.
+            metrics::check_finished(&outcome, Duration::ZERO, Transport::Http);
+            outcome
+        }
     };
     let answer = checks.responder().http(&outcome);
     let mut response = Response::builder()

@@ -108,6 +108,12 @@ async fn asked_directly_it_answers_as_over_grpc() {
         .unwrap();
     assert_eq!(twice.status(), 400);
     assert_eq!(idp.calls(), calls);
+    let malformed = [("status", "400"), ("transport", "http")];
+    assert_eq!(
+        app.metric("phantom_authz_decisions_total", &malformed)
+            .await,
+        1.0
+    );
     // A token without the claim still gets the header, empty: copying it erases the client's.
     let nosub = ask(Some("nosub-1"), &[]).await;
     assert_eq!(nosub.status(), 200);
