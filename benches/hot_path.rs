@@ -10,13 +10,13 @@ use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
-use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
-use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
 
 use phantom_authz::cache::Grant;
 use phantom_authz::cache::local::LocalCache;
 use phantom_authz::decision::{AllowedJwt, Outcome, Responder};
-use phantom_authz::token::{CacheKey, bearer_token, parse_bearer};
+use phantom_authz::token::{CacheKey, bearer_token, check_request, parse_bearer};
 
 const TOKEN: &str = "_0XBPWQQ_2a4e0a6a-8b6f-4a67-9f09-2f1c2c6f0d3e";
 
@@ -40,21 +40,9 @@ fn headers() -> Vec<(&'static str, String)> {
     ]
 }
 
-fn wrap(http: HttpRequest) -> CheckRequest {
-    CheckRequest {
-        attributes: Some(AttributeContext {
-            request: Some(Request {
-                http: Some(http),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-    }
-}
-
 /// `headers` map encoding (Envoy's default).
 fn map_request() -> CheckRequest {
-    wrap(HttpRequest {
+    check_request(HttpRequest {
         headers: headers()
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v))
@@ -65,7 +53,7 @@ fn map_request() -> CheckRequest {
 
 /// `header_map` encoding (`encode_raw_headers: true`).
 fn raw_request() -> CheckRequest {
-    wrap(HttpRequest {
+    check_request(HttpRequest {
         header_map: Some(HeaderMap {
             headers: headers()
                 .into_iter()

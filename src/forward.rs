@@ -12,16 +12,15 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, Response, StatusCode, header};
-use envoy_types::pb::envoy::service::auth::v3::attribute_context::{
-    HttpRequest, Request as Attributes,
-};
-use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
 use tokio::net::TcpListener;
 
 use crate::config::{HttpConfig, OriginalRequest};
 use crate::decision::Outcome;
 use crate::metrics::{self, Transport};
 use crate::server::{self, CheckService};
+use crate::token;
 
 /// How long a gateway may take to send a request's headers, or keep a connection idle between
 /// requests, before the connection is closed: gateways send at once and reconnect at will.
@@ -131,21 +130,13 @@ pub fn check_request(
         OriginalRequest::Path => (method.as_str(), own_host(), own_path()),
     };
     let (method, host) = (method.to_owned(), host.unwrap_or_default().to_owned());
-    Ok(CheckRequest {
-        attributes: Some(AttributeContext {
-            request: Some(Attributes {
-                http: Some(HttpRequest {
-                    method,
-                    host,
-                    path,
-                    headers: map,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-    })
+    Ok(token::check_request(HttpRequest {
+        method,
+        host,
+        path,
+        headers: map,
+        ..Default::default()
+    }))
 }
 
 #[cfg(test)]

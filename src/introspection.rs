@@ -418,15 +418,8 @@ fn numeric_date(value: &serde_json::Value) -> Result<u64, IdpError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::jwt::tests::jwt;
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-
-    fn jwt(payload: &str) -> String {
-        format!(
-            "{}.{}.c2ln",
-            URL_SAFE_NO_PAD.encode(r#"{"alg":"RS256"}"#),
-            URL_SAFE_NO_PAD.encode(payload)
-        )
-    }
 
     fn directive(values: &[&str]) -> CacheDirective {
         let values: Vec<HeaderValue> = values

@@ -150,10 +150,11 @@ pub fn numeric_date(value: &serde_json::Value) -> Result<u64, Malformed> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn jwt(payload: &str) -> String {
+    /// A compact JWT with `payload` as its claims, for the tests of every module that reads one.
+    pub(crate) fn jwt(payload: &str) -> String {
         format!(
             "{}.{}.c2ln",
             URL_SAFE_NO_PAD.encode(r#"{"alg":"RS256"}"#),

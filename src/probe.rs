@@ -12,6 +12,7 @@ use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 use crate::config::parse_duration;
+use crate::token;
 
 /// The flags of `phantom-authz check`.
 /// No `Debug`: it holds the token.
@@ -239,8 +240,7 @@ fn read(path: &std::path::Path, flag: &'static str) -> Result<Vec<u8>, ProbeErro
 
 /// The Check Envoy would send for the request described by the flags.
 fn request(args: &CheckArgs) -> Result<CheckRequest, ProbeError> {
-    use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
-    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
 
     let mut headers = std::collections::HashMap::new();
     headers.insert(":authority".to_owned(), args.host.clone());
@@ -269,23 +269,15 @@ fn request(args: &CheckArgs) -> Result<CheckRequest, ProbeError> {
     if let Some(token) = token {
         headers.insert("authorization".to_owned(), format!("Bearer {token}"));
     }
-    Ok(CheckRequest {
-        attributes: Some(AttributeContext {
-            request: Some(Request {
-                http: Some(HttpRequest {
-                    method: args.method.clone(),
-                    path: args.path.clone(),
-                    host: args.host.clone(),
-                    scheme: "https".to_owned(),
-                    protocol: "HTTP/1.1".to_owned(),
-                    headers,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-    })
+    Ok(token::check_request(HttpRequest {
+        method: args.method.clone(),
+        path: args.path.clone(),
+        host: args.host.clone(),
+        scheme: "https".to_owned(),
+        protocol: "HTTP/1.1".to_owned(),
+        headers,
+        ..Default::default()
+    }))
 }
 
 fn answer(response: CheckResponse, elapsed: Duration) -> Answer {

@@ -2,8 +2,9 @@
 
 use std::fmt;
 
-use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::Request;
+use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
 use sha2::{Digest, Sha256};
 
 /// An opaque access token borrowed from the request. Its `Debug` never shows the value.
@@ -78,6 +79,20 @@ pub fn http_request(request: &CheckRequest) -> Option<&HttpRequest> {
         .as_ref()
         .and_then(|a| a.request.as_ref())
         .and_then(|r| r.http.as_ref())
+}
+
+/// The `CheckRequest` Envoy sends about `http` (its inverse is [`http_request`]): for the
+/// front doors and clients that start from an HTTP request rather than from Envoy.
+pub fn check_request(http: HttpRequest) -> CheckRequest {
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(Request {
+                http: Some(http),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
 }
 
 /// The first value of the header `name` (any case) in whichever encoding Envoy used; a raw
@@ -235,8 +250,6 @@ impl fmt::Debug for CacheKey {
 mod tests {
     use super::*;
     use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
-    use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
-    use envoy_types::pb::envoy::service::auth::v3::attribute_context::Request;
 
     fn request_with_headers(headers: &[(&str, &str)]) -> CheckRequest {
         let http = HttpRequest {
@@ -246,7 +259,7 @@ mod tests {
                 .collect(),
             ..Default::default()
         };
-        wrap(http)
+        check_request(http)
     }
 
     fn request_with_raw(headers: &[(&str, &[u8])]) -> CheckRequest {
@@ -263,19 +276,7 @@ mod tests {
             }),
             ..Default::default()
         };
-        wrap(http)
-    }
-
-    fn wrap(http: HttpRequest) -> CheckRequest {
-        CheckRequest {
-            attributes: Some(AttributeContext {
-                request: Some(Request {
-                    http: Some(http),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-        }
+        check_request(http)
     }
 
     #[test]

@@ -538,13 +538,7 @@ mod tests {
     const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
 
     fn jwt(exp: u64) -> String {
-        use base64::Engine as _;
-        let encode = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
-        format!(
-            "{}.{}.c2ln",
-            encode(r#"{"alg":"RS256"}"#),
-            encode(&format!(r#"{{"sub":"alice","exp":{exp}}}"#))
-        )
+        crate::jwt::tests::jwt(&format!(r#"{{"sub":"alice","exp":{exp}}}"#))
     }
 
     #[test]

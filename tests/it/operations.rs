@@ -640,34 +640,24 @@ fn check_config(args: &[&str]) -> (Option<i32>, String, String) {
 #[test]
 fn check_config_masks_a_redis_password_holding_url_delimiters() {
     let cache_secret = cache_secret_file(&[CACHE_SECRET]);
-    let check_config = |redis_url: &str| {
-        let output = Command::new(env!("CARGO_BIN_EXE_phantom-authz"))
-            .args([
-                "check-config",
-                "--cache-secret-file",
-                cache_secret.to_str().unwrap(),
-                "--introspection-url",
-                "https://idp.example/introspect",
-                "--client-id",
-                "gw",
-                "--client-secret",
-                "hunter2-secret",
-                "--redis-url",
-                redis_url,
-            ])
-            .env_clear()
-            .output()
-            .unwrap();
-        (
-            output.status.code(),
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-            String::from_utf8_lossy(&output.stderr).into_owned(),
-        )
+    let check_redis_url = |redis_url: &str| {
+        check_config(&[
+            "--cache-secret-file",
+            cache_secret.to_str().unwrap(),
+            "--introspection-url",
+            "https://idp.example/introspect",
+            "--client-id",
+            "gw",
+            "--client-secret",
+            "hunter2-secret",
+            "--redis-url",
+            redis_url,
+        ])
     };
     // `#`, `/` and `?` inside the password end a URL's authority for a naive parser, which
     // then finds no `@` before them and prints the URL as it is. Written raw, the URL is not
     // one the Redis client accepts: the check fails, naming the flag and nothing of the value.
-    let (code, stdout, stderr) = check_config("redis://:pa#ss/wo?rd@cache:6379/0");
+    let (code, stdout, stderr) = check_redis_url("redis://:pa#ss/wo?rd@cache:6379/0");
     assert_eq!(code, Some(2), "{stdout}{stderr}");
     assert!(stderr.contains("--redis-url"), "{stderr}");
     for fragment in ["pa#ss", "wo?rd", "pa#", "ss/wo", "?rd", "hunter2"] {
@@ -677,7 +667,7 @@ fn check_config_masks_a_redis_password_holding_url_delimiters() {
         );
     }
     // Percent-encoded, it is valid, and printed masked.
-    let (code, stdout, stderr) = check_config("redis://:pa%23ss%2Fwo%3Frd@cache:6379/0");
+    let (code, stdout, stderr) = check_redis_url("redis://:pa%23ss%2Fwo%3Frd@cache:6379/0");
     assert_eq!(code, Some(0), "{stdout}{stderr}");
     assert!(stdout.contains("redis://***@cache:6379/0"), "{stdout}");
     assert!(

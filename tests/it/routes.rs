@@ -2,22 +2,10 @@
 //! config file's route table, enforced on the first Check of a token and on every cache hit
 //! after it; who the caller is, handed to Envoy as claim headers and dynamic metadata.
 
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use envoy_types::pb::google::protobuf::value::Kind;
 
 use crate::support::*;
-
-/// A JWT carrying `claims` (and an `exp` an hour away).
-fn jwt_with(mut claims: serde_json::Value) -> String {
-    claims["exp"] = (unix_now() + 3600).into();
-    format!(
-        "{}.{}.c2lnbmF0dXJl",
-        URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256","typ":"JWT"}"#),
-        URL_SAFE_NO_PAD.encode(claims.to_string())
-    )
-}
 
 /// The claims each token's JWT carries.
 fn claims_of(token: &str) -> serde_json::Value {
@@ -40,7 +28,9 @@ fn claims_of(token: &str) -> serde_json::Value {
 /// `json-extra`, a scope only the response names).
 async fn idp(mode: &'static str) -> Idp {
     Idp::start(move |seen| {
-        let jwt = jwt_with(claims_of(&seen.token));
+        let mut claims = claims_of(&seen.token);
+        claims["exp"] = (unix_now() + 3600).into();
+        let jwt = jwt_with(&claims);
         match mode {
             "jwt" => Reply::jwt(&jwt),
             _ => {

@@ -1,10 +1,10 @@
 //! Check requests as Envoy sends them, and its answers flattened for assertions.
 
 use envoy_types::pb::envoy::config::core::v3::{HeaderMap as EnvoyHeaderMap, HeaderValue};
-use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
-use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, CheckResponse};
+use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
 use std::collections::HashMap;
 use tonic::transport::Channel;
 
@@ -23,7 +23,7 @@ pub(crate) fn check_request(headers: &[(&str, &str)]) -> CheckRequest {
             .collect::<HashMap<_, _>>(),
         ..Default::default()
     };
-    wrap(http)
+    phantom_authz::token::check_request(http)
 }
 
 /// A CheckRequest with `encode_raw_headers: true`: headers as raw bytes in `header_map`.
@@ -43,19 +43,7 @@ pub(crate) fn raw_check_request(headers: &[(&str, &[u8])]) -> CheckRequest {
         }),
         ..Default::default()
     };
-    wrap(http)
-}
-
-fn wrap(http: HttpRequest) -> CheckRequest {
-    CheckRequest {
-        attributes: Some(AttributeContext {
-            request: Some(Request {
-                http: Some(http),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-    }
+    phantom_authz::token::check_request(http)
 }
 
 pub(crate) fn bearer_request(token: &str) -> CheckRequest {

@@ -185,20 +185,22 @@ fn percent_decode(value: &str) -> String {
 /// A compact JWS-shaped JWT (unsigned signature bytes; phantom-authz does not verify, the API
 /// does) with the given `exp` and subject, padded to about `size` bytes when asked.
 pub(crate) fn make_jwt(sub: &str, exp: Option<u64>, size: usize) -> String {
-    let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256","typ":"JWT"}"#);
     let mut claims = serde_json::json!({ "sub": sub, "iss": "https://idp.test" });
     if let Some(exp) = exp {
         claims["exp"] = exp.into();
     }
-    let base = format!(
-        "{header}.{}.c2lnbmF0dXJl",
-        URL_SAFE_NO_PAD.encode(claims.to_string())
-    );
+    let base = jwt_with(&claims);
     if base.len() < size {
         claims["pad"] = "x".repeat((size - base.len()) * 3 / 4).into();
     }
+    jwt_with(&claims)
+}
+
+/// A compact JWS-shaped JWT whose payload is `claims` (unsigned signature bytes).
+pub(crate) fn jwt_with(claims: &serde_json::Value) -> String {
     format!(
-        "{header}.{}.c2lnbmF0dXJl",
+        "{}.{}.c2lnbmF0dXJl",
+        URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256","typ":"JWT"}"#),
         URL_SAFE_NO_PAD.encode(claims.to_string())
     )
 }
