@@ -77,17 +77,21 @@ pub enum Demand<'a> {
 impl RouteTable {
     /// What `request`'s route demands.
     pub fn demand<'a>(&'a self, request: &'a CheckRequest) -> Demand<'a> {
-        let extensions = request
+        // Each key looked up once, and not at all when Envoy sends no extensions (most Checks).
+        let (scopes, audience) = match request
             .attributes
             .as_ref()
-            .map(|attributes| &attributes.context_extensions);
-        if let Some(extensions) = extensions
-            .filter(|e| e.contains_key(REQUIRED_SCOPES) || e.contains_key(REQUIRED_AUDIENCE))
+            .map(|attributes| &attributes.context_extensions)
+            .filter(|extensions| !extensions.is_empty())
         {
-            return from_extensions(
-                extensions.get(REQUIRED_SCOPES).map(String::as_str),
-                extensions.get(REQUIRED_AUDIENCE).map(String::as_str),
-            );
+            Some(extensions) => (
+                extensions.get(REQUIRED_SCOPES),
+                extensions.get(REQUIRED_AUDIENCE),
+            ),
+            None => (None, None),
+        };
+        if scopes.is_some() || audience.is_some() {
+            return from_extensions(scopes.map(String::as_str), audience.map(String::as_str));
         }
         if self.rules.is_empty() && self.unmatched == Unmatched::Allow {
             return Demand::Nothing;
@@ -260,28 +264,22 @@ impl Demand<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
-    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
 
     fn request(method: &str, host: &str, path: &str, extensions: &[(&str, &str)]) -> CheckRequest {
-        CheckRequest {
-            attributes: Some(AttributeContext {
-                request: Some(Request {
-                    http: Some(HttpRequest {
-                        method: method.into(),
-                        host: host.into(),
-                        path: path.into(),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-                context_extensions: extensions
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-                ..Default::default()
-            }),
+        let mut request = token::check_request(HttpRequest {
+            method: method.into(),
+            host: host.into(),
+            path: path.into(),
+            ..Default::default()
+        });
+        if let Some(attributes) = request.attributes.as_mut() {
+            attributes.context_extensions = extensions
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
         }
+        request
     }
 
     fn claims(scopes: &[&str], audiences: &[&str]) -> Claims {
