@@ -27,6 +27,10 @@ struct Args {
     /// Address to listen on (port 0 picks a free one).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
+    /// File holding the `Authorization` value to answer with, so that the baseline writes the
+    /// very bytes phantom-authz writes for a token; a 1 KB placeholder without it.
+    #[arg(long)]
+    authorization_file: Option<std::path::PathBuf>,
 }
 
 struct Noop {
@@ -74,9 +78,17 @@ async fn main() {
         .expect("bound listener has an address");
     println!("listening {addr}");
     let _ = std::io::stdout().flush();
-    let service = Noop {
-        authorization: format!("Bearer {}", "j".repeat(1024 - 7)),
+    let authorization = match &args.authorization_file {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(text) => text.trim().to_owned(),
+            Err(e) => {
+                eprintln!("noop_authz: cannot read {}: {e}", path.display());
+                std::process::exit(1);
+            }
+        },
+        None => format!("Bearer {}", "j".repeat(1024 - 7)),
     };
+    let service = Noop { authorization };
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     if let Err(e) = tonic::transport::Server::builder()
         .add_service(AuthorizationServer::new(service))
