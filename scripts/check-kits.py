@@ -246,6 +246,14 @@ def check_envoy_schema(rel, doc):
         problem(rel, f"not a valid Envoy v3 Bootstrap: {error}")
 
 
+def check_placeholder_secret(rel, doc):
+    """A placeholder cache secret must be too short to start with: one that passes the 32-byte
+    floor would run a deployment whose Redis writers can forge allows."""
+    secret = doc.get("stringData", {}).get("cache-secret")
+    if secret is not None and len(secret.strip()) >= 32:
+        problem(rel, "the placeholder cache-secret is long enough to be accepted; keep it under 32 bytes")
+
+
 def check_deployment(rel, doc):
     spec = doc.get("spec", {}).get("template", {}).get("spec", {})
     containers = spec.get("containers") or []
@@ -283,6 +291,8 @@ def main():
             for doc in docs:
                 check_traefik(rel, doc)
         for doc in docs:
+            if isinstance(doc, dict) and doc.get("kind") == "Secret":
+                check_placeholder_secret(rel, doc)
             if isinstance(doc, dict) and doc.get("kind") == "Deployment":
                 check_deployment(rel, doc)
             # Kubernetes manifests: every object says what it is.

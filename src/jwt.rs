@@ -188,6 +188,15 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_long_scope_claim_keeps_its_scopes() {
+        let scopes: Vec<String> = (0..200).map(|n| format!("scope:{n:04}")).collect();
+        let claims = claims_of(&format!(r#"{{"scope":"{}"}}"#, scopes.join(" ")));
+        assert!(scopes.join(" ").len() > MAX_VALUE_LEN);
+        assert_eq!(claims.scopes.len(), 200);
+        assert!(claims.has_scope("scope:0199"));
+    }
+
+    #[test]
     fn misshapen_claims_are_left_out_and_only_exp_must_be_well_formed() {
         for payload in [
             r#"{"sub":42}"#,

@@ -399,6 +399,11 @@ mod tests {
             timeout: Duration::from_secs(1),
         };
         assert!(request(&args("x-request-id: 42")).is_ok());
+        // A mistyped header is not echoed: it could be a token.
+        let Err(error) = request(&args("authorization Bearer opaque-secret")) else {
+            panic!("accepted");
+        };
+        assert!(!error.to_string().contains("opaque-secret"), "{error}");
         assert!(matches!(
             request(&args("no colon")),
             Err(ProbeError::Header)

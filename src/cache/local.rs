@@ -374,6 +374,24 @@ mod tests {
     }
 
     #[test]
+    fn each_cache_hashes_keys_with_keys_of_its_own() {
+        // Two digests sharing their first eight bytes' low bits (what grinding tokens would
+        // produce) must not share them once hashed, and two caches must not agree.
+        let hash = |keys: &DigestHash, word: u64| {
+            let mut hasher = keys.build_hasher();
+            hasher.write_u64(word);
+            hasher.finish()
+        };
+        let (a, b) = (DigestHash::random(), DigestHash::random());
+        assert_ne!(hash(&a, 1 << 40), hash(&b, 1 << 40));
+        let low = |h: u64| h & 0xffff;
+        let colliding = (0..64u64).map(|n| (n << 32) | 0x1234);
+        let buckets: std::collections::HashSet<u64> =
+            colliding.map(|word| low(hash(&a, word))).collect();
+        assert!(buckets.len() > 32, "{} buckets for 64 keys", buckets.len());
+    }
+
+    #[test]
     fn clear_drops_everything() {
         let cache = LocalCache::<Authorization>::new(10, 1 << 20);
         cache.put(key(1), bearer("a.b.c"), Duration::from_secs(60));

@@ -145,6 +145,26 @@ async fn an_absurd_max_age_is_capped_by_max_cache_ttl() {
 }
 
 #[tokio::test]
+async fn an_absurd_introspection_timeout_with_redis_starts_and_evicts() {
+    // The tombstone's TTL is derived from the timeouts: it saturates instead of overflowing.
+    let redis = Redis::start();
+    let idp = idp_with(None, 3600).await;
+    let app = App::start(
+        &idp.url(),
+        "jwt",
+        &[
+            "--redis-url",
+            &redis.url(),
+            "--introspection-timeout",
+            "18446744073709551615s",
+        ],
+    )
+    .await;
+    allowed(&app, "timeless").await;
+    assert_eq!(idp.calls(), 1);
+}
+
+#[tokio::test]
 async fn no_store_and_max_age_zero_are_not_cached() {
     for directive in ["no-store", "no-cache", "max-age=0"] {
         let redis = Redis::start();
