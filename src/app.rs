@@ -25,13 +25,16 @@ use crate::cache::evictions;
 use crate::cache::local::LocalCache;
 use crate::cache::redis::{self, CacheSecrets, RedisCache, SecretFileError};
 use crate::config::{
-    ADMIN_GRPC_TLS_FLAGS, Config, GRPC_TLS_FLAGS, GrpcLimits, GrpcTls, HttpConfig,
-    IntrospectionMode, Secret, SecretSource, TlsFlags,
+    ADMIN_GRPC_TLS_FLAGS, ClientAuthConfig, Config, Endpoint, GRPC_TLS_FLAGS, GrpcLimits, GrpcTls,
+    HttpConfig, IntrospectionConfig, IntrospectionMode, Secret, SecretSource, TlsFlags,
 };
 use crate::decision::Responder;
 use crate::forward;
+use crate::introspection::discovery::Discovery;
 use crate::introspection::guard::Guarded;
-use crate::introspection::{self, HttpIntrospector};
+use crate::introspection::mint::Minter;
+use crate::introspection::{self, ClientAuth, HttpIntrospector};
+use crate::jose::{self, KeySet};
 use crate::server::{self, CheckService, Readiness};
 
 /// Shortest admin secret accepted.
@@ -49,6 +52,12 @@ pub enum BuildError {
     },
     #[error("--client-secret-file: {} is empty", path.display())]
     EmptyClientSecret { path: PathBuf },
+    #[error("{flag}: {}: {source}", path.display())]
+    Keys {
+        flag: &'static str,
+        path: PathBuf,
+        source: jose::KeyError,
+    },
     #[error(
         "--admin-token-file: {} must hold a secret of {MIN_ADMIN_SECRET_LEN} bytes or more",
         path.display()
@@ -84,6 +93,10 @@ pub struct App {
     max_token_length: usize,
     grace: Duration,
     http: Option<HttpConfig>,
+    /// Finds the introspection endpoint, when `--issuer` is to name it.
+    discovery: Option<Discovery>,
+    /// The public keys of the JWTs phantom-authz signs (rfc7662 mode), as served.
+    jwks: Option<Arc<str>>,
 }
 
 /// The admin gRPC API, ready to serve.
@@ -127,21 +140,44 @@ impl App {
     /// Reads every file the configuration names and builds every client. Binds nothing and
     /// spawns nothing; call it inside a Tokio runtime (the Redis client wants one).
     pub fn build(config: &Config) -> Result<App, BuildError> {
-        let client_secret = match &config.introspection.client_secret {
-            SecretSource::Value(secret) => secret.clone(),
-            SecretSource::File(path) => read_client_secret(path)?,
+        let introspection = &config.introspection;
+        let auth = client_auth(introspection)?;
+        let minter = introspection
+            .mint
+            .as_ref()
+            .map(|mint| {
+                let pem = read(&mint.key_file, "--jwt-signing-key-file")?;
+                let keys = jose::read_pem_keys(&pem)
+                    .and_then(|keys| KeySet::new(keys, mint.algorithm))
+                    .map_err(|source| BuildError::Keys {
+                        flag: "--jwt-signing-key-file",
+                        path: mint.key_file.clone(),
+                        source,
+                    })?;
+                Ok::<_, BuildError>(Arc::new(Minter::new(
+                    mint,
+                    Arc::new(keys),
+                    config.cache.max_ttl,
+                )))
+            })
+            .transpose()?;
+        let idp_ca = read_optional(introspection.ca_file.as_deref(), "--idp-ca-file")?;
+        let url = match &introspection.endpoint {
+            Endpoint::Url(url) => Some(url.as_str()),
+            Endpoint::Discover { .. } => None,
         };
-        let idp_ca = read_optional(config.introspection.ca_file.as_deref(), "--idp-ca-file")?;
         let idp = HttpIntrospector::new(
-            &config.introspection.url,
+            url,
+            introspection.issuer.as_deref(),
             idp_ca.as_deref(),
-            config.introspection.proxy.as_ref(),
-            &config.introspection.client_id,
-            &client_secret,
-            config.introspection.mode,
-            config.introspection.timeout,
+            introspection.proxy.as_ref(),
+            auth,
+            introspection.mode,
+            minter.clone(),
+            introspection.timeout,
         )?;
-        let idp = Guarded::new(idp, config.introspection.guard);
+        let discovery = idp.discovery();
+        let idp = Guarded::new(idp, introspection.guard);
 
         let redis = match &config.redis {
             Some(redis) => {
@@ -221,6 +257,8 @@ impl App {
             mode: config.introspection.mode,
             max_token_length: config.max_token_length,
             grace: config.shutdown_grace,
+            discovery,
+            jwks: minter.map(|minter| Arc::from(minter.keys().jwks())),
         })
     }
 
@@ -300,15 +338,30 @@ impl App {
             let listening = listening.clone();
             Arc::new(move || listening.load(Ordering::Relaxed)) as server::Health
         });
+        let discovery_health = self
+            .discovery
+            .clone()
+            .map(|discovery| Arc::new(move || discovery.is_done()) as server::Health);
+        let readiness = Readiness {
+            serving: serving.clone(),
+            redis: redis_health,
+            evictions: evictions_health,
+            discovery: discovery_health,
+        };
         let mut tasks = vec![(
             "admin HTTP",
             tokio::spawn(server::serve_admin(
                 admin,
                 metrics,
-                Readiness::new(serving.clone(), redis_health, evictions_health),
+                readiness,
+                self.jwks.clone(),
                 stopped(stop_rx.clone()),
             )),
         )];
+        // Ends once the endpoint is known; aborted with the rest if it never is.
+        if let Some(discovery) = self.discovery {
+            tasks.push(("identity server discovery", tokio::spawn(discovery.run())));
+        }
 
         let signal_health = health.clone();
         let grace = self.grace;
@@ -523,6 +576,48 @@ fn read_cache_secrets(path: &Path) -> Result<CacheSecrets, BuildError> {
     CacheSecrets::parse(&text).map_err(|source| BuildError::CacheSecrets {
         path: path.to_owned(),
         source,
+    })
+}
+
+/// The introspecting client's credential, read from its file.
+fn client_auth(introspection: &IntrospectionConfig) -> Result<ClientAuth, BuildError> {
+    let secret = |source: &SecretSource| match source {
+        SecretSource::Value(secret) => Ok(secret.clone()),
+        SecretSource::File(path) => read_client_secret(path),
+    };
+    let client_id = introspection.client_id.clone();
+    Ok(match &introspection.client_auth {
+        ClientAuthConfig::SecretBasic(source) => ClientAuth::Basic {
+            client_id,
+            secret: secret(source)?,
+        },
+        ClientAuthConfig::SecretPost(source) => ClientAuth::Post {
+            client_id,
+            secret: secret(source)?,
+        },
+        ClientAuthConfig::PrivateKeyJwt { key_file } => {
+            const FLAG: &str = "--client-assertion-key-file";
+            let keys = jose::read_pem_keys(&read(key_file, FLAG)?);
+            let key = keys
+                .map(|mut keys| Box::new(keys.swap_remove(0)))
+                .map_err(|source| BuildError::Keys {
+                    flag: FLAG,
+                    path: key_file.clone(),
+                    source,
+                })?;
+            // RFC 7523bis: the issuer identifier is the audience every server accepts; without
+            // one, the endpoint the assertion is sent to.
+            let audience = match (&introspection.issuer, &introspection.endpoint) {
+                (Some(issuer), _) => issuer.clone(),
+                (None, Endpoint::Url(url)) => url.clone(),
+                (None, Endpoint::Discover { issuer }) => issuer.clone(),
+            };
+            ClientAuth::PrivateKeyJwt {
+                client_id,
+                key,
+                audience,
+            }
+        }
     })
 }
 

@@ -339,6 +339,7 @@ pub fn cache_ttl(
         CacheDirective::Unspecified => default,
         CacheDirective::MaxAge(max_age) => max_age,
         CacheDirective::DoNotCache => Duration::ZERO,
+        CacheDirective::UntilExpiry => max,
     };
     ttl = ttl.min(max);
     if let Some(exp) = active.jwt_exp {
@@ -372,7 +373,9 @@ pub fn idp_failure(error: &IdpError) -> Outcome {
         | IdpError::Timeout
         | IdpError::Status(503)
         | IdpError::CircuitOpen
-        | IdpError::Overloaded => Outcome::IdpUnavailable,
+        | IdpError::Overloaded
+        | IdpError::Undiscovered
+        | IdpError::Signing => Outcome::IdpUnavailable,
         IdpError::Status(401 | 403 | 404 | 500..=502 | 504..=599) => Outcome::IdpRejected,
         IdpError::Status(_) => Outcome::IdpUnexpected,
         IdpError::BadResponse(_) => Outcome::IdpBadResponse,

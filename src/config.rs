@@ -6,7 +6,10 @@ pub mod args;
 pub mod load;
 mod validate;
 
-pub use args::{Args, IntrospectionMode, LogFormat, OriginalRequest, parse_bytes, parse_duration};
+pub use args::{
+    Args, ClientAuthMethod, IntrospectionMode, LogFormat, OriginalRequest, parse_bytes,
+    parse_duration,
+};
 
 use crate::decision::ClaimName;
 use crate::route::RouteTable;
@@ -97,18 +100,50 @@ pub struct GrpcTls {
     pub client_ca: Option<PathBuf>,
 }
 
-/// Everything the introspection client needs except the secret's value.
+/// Everything the introspection client needs except the files' contents.
 #[derive(Debug)]
 pub struct IntrospectionConfig {
-    pub url: String,
+    /// Where the endpoint is, or how to find it.
+    pub endpoint: Endpoint,
+    /// The issuer identifier (`--issuer`), when given.
+    pub issuer: Option<String>,
     pub ca_file: Option<PathBuf>,
     /// The proxy for every IdP call; `None`: direct, whatever the environment says.
     pub proxy: Option<ProxyUrl>,
     pub client_id: String,
-    pub client_secret: SecretSource,
+    pub client_auth: ClientAuthConfig,
     pub mode: IntrospectionMode,
+    /// rfc7662 mode's JWT signing; `None` in the other modes.
+    pub mint: Option<MintConfig>,
     pub timeout: Duration,
     pub guard: GuardConfig,
+}
+
+/// The introspection endpoint: given, or read from the issuer's metadata at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    Url(String),
+    Discover { issuer: String },
+}
+
+/// How the introspecting client authenticates, and where its credential is.
+#[derive(Debug)]
+pub enum ClientAuthConfig {
+    SecretBasic(SecretSource),
+    SecretPost(SecretSource),
+    PrivateKeyJwt { key_file: PathBuf },
+}
+
+/// rfc7662 mode: the JWT phantom-authz signs from each active introspection answer.
+#[derive(Debug, Clone)]
+pub struct MintConfig {
+    pub issuer: String,
+    /// Replaces the answer's `aud` when given.
+    pub audience: Option<String>,
+    /// Claims of the answer copied as they are.
+    pub forward_claims: Vec<String>,
+    pub key_file: PathBuf,
+    pub algorithm: crate::jose::Algorithm,
 }
 
 /// The concurrency cap and circuit breaker in front of the IdP.
@@ -401,7 +436,7 @@ mod tests {
         let err = load_with(&["--client-id", "gw", "--client-secret", "x"], &[], "")
             .unwrap_err()
             .to_string();
-        assert_eq!(err, "--introspection-url: is required");
+        assert_eq!(err, "--introspection-url: is required (or --issuer)");
     }
 
     #[test]

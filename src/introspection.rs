@@ -1,9 +1,14 @@
 //! The HTTP client for the identity server's introspection endpoint, and the parsing of what it
-//! answers (RFC 7662 JSON or Curity's `application/jwt`). [`guard`] caps and breaks its calls.
+//! answers (Curity's `application/jwt` or RFC 7662 JSON with a `jwt`, or plain RFC 7662 JSON from
+//! which [`mint`] makes the JWT). [`guard`] caps and breaks its calls; [`discovery`] finds the
+//! endpoint from `--issuer`.
 
+pub mod discovery;
 pub mod guard;
+pub mod mint;
 
-use std::time::{Duration, Instant};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
@@ -11,6 +16,7 @@ use reqwest::header::{ACCEPT, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, Header
 
 use crate::BoxFuture;
 use crate::config::{IntrospectionMode, ProxyUrl, Secret};
+use crate::jose::{self, SigningKey};
 use crate::jwt::{self, Claims};
 use crate::metrics;
 use crate::token::Token;
@@ -69,6 +75,10 @@ pub enum CacheDirective {
     MaxAge(Duration),
     /// `no-store`, `no-cache`, `max-age=0` or a malformed `max-age`: do not cache.
     DoNotCache,
+    /// rfc7662 mode without `max-age`: the token's own `exp` bounds the TTL (with
+    /// `--max-cache-ttl`). Standard servers say `no-store` of every introspection answer
+    /// while its `exp` is authoritative.
+    UntilExpiry,
 }
 
 /// Why introspection gave no usable answer. Never carries a token, JWT or secret.
@@ -88,6 +98,12 @@ pub enum IdpError {
     /// Too many introspections under way: failing fast rather than queueing.
     #[error("too many introspections under way")]
     Overloaded,
+    /// `--issuer`'s metadata has not been read yet: the endpoint is unknown.
+    #[error("introspection endpoint not discovered yet")]
+    Undiscovered,
+    /// A JWT (ours, or a client assertion) could not be signed.
+    #[error("signing failed")]
+    Signing,
 }
 
 impl IdpError {
@@ -103,6 +119,8 @@ impl IdpError {
             IdpError::BadResponse(_) => "bad_response",
             IdpError::CircuitOpen => "circuit_open",
             IdpError::Overloaded => "overloaded",
+            IdpError::Undiscovered => "undiscovered",
+            IdpError::Signing => "signing_failed",
         }
     }
 
@@ -112,7 +130,10 @@ impl IdpError {
         match self {
             IdpError::Unreachable | IdpError::Timeout | IdpError::BadResponse(_) => true,
             IdpError::Status(status) => *status >= 500,
-            IdpError::CircuitOpen | IdpError::Overloaded => false,
+            IdpError::CircuitOpen
+            | IdpError::Overloaded
+            | IdpError::Undiscovered
+            | IdpError::Signing => false,
         }
     }
 }
@@ -130,30 +151,68 @@ pub enum SetupError {
     Credentials,
     #[error("introspection client: cannot be built (TLS back end unavailable)")]
     Client,
+    #[error("--introspection-mode rfc7662: no signing key")]
+    Minter,
+}
+
+/// How the introspecting client proves who it is.
+pub enum ClientAuth {
+    /// `client_secret_basic`.
+    Basic { client_id: String, secret: Secret },
+    /// `client_secret_post`.
+    Post { client_id: String, secret: Secret },
+    /// `private_key_jwt`: a fresh assertion for `audience` on every call.
+    PrivateKeyJwt {
+        client_id: String,
+        key: Box<SigningKey>,
+        audience: String,
+    },
+}
+
+/// How long a client assertion is valid: long enough for one call and clock skew.
+const ASSERTION_LIFETIME_SECS: u64 = 60;
+
+/// How an answer becomes a JWT.
+enum Answer {
+    /// The identity server's own JWT (`jwt` and `json` modes).
+    Curity(IntrospectionMode),
+    /// rfc7662 mode: phantom-authz signs one.
+    Mint(Arc<mint::Minter>),
 }
 
 /// Introspection over HTTP(S) with pooled, reused connections and no redirects.
 pub struct HttpIntrospector {
     client: reqwest::Client,
-    url: reqwest::Url,
-    basic_auth: HeaderValue,
+    /// Set at start, or once `--issuer`'s metadata is read.
+    endpoint: Arc<OnceLock<reqwest::Url>>,
+    /// The issuer to discover the endpoint from, when it is not given.
+    issuer: Option<String>,
+    auth: ClientAuth,
+    basic_auth: Option<HeaderValue>,
     accept: HeaderValue,
-    mode: IntrospectionMode,
+    answer: Answer,
 }
 
 impl HttpIntrospector {
+    /// `url`: the endpoint, or `None` to discover it from `issuer` ([`Self::discovery`]).
     /// `ca_pem`: when given, the only CAs trusted for the IdP's certificate. `proxy`: when
     /// given, every call goes through it; otherwise none does, whatever the environment says.
+    /// `minter`: rfc7662 mode's signer (required in that mode, ignored in the others).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        url: &str,
+        url: Option<&str>,
+        issuer: Option<&str>,
         ca_pem: Option<&[u8]>,
         proxy: Option<&ProxyUrl>,
-        client_id: &str,
-        client_secret: &Secret,
+        auth: ClientAuth,
         mode: IntrospectionMode,
+        minter: Option<Arc<mint::Minter>>,
         timeout: Duration,
     ) -> Result<Self, SetupError> {
-        let url = reqwest::Url::parse(url).map_err(SetupError::Url)?;
+        let endpoint = Arc::new(OnceLock::new());
+        if let Some(url) = url {
+            let _ = endpoint.set(reqwest::Url::parse(url).map_err(SetupError::Url)?);
+        }
         let mut builder = reqwest::Client::builder();
         if let Some(pem) = ca_pem {
             let roots = reqwest::Certificate::from_pem_bundle(pem).map_err(|_| SetupError::Ca)?;
@@ -180,45 +239,128 @@ impl HttpIntrospector {
             .pool_idle_timeout(Duration::from_secs(60))
             .build()
             .map_err(|_| SetupError::Client)?;
+        let answer = match (mode, minter) {
+            (IntrospectionMode::Rfc7662, Some(minter)) => Answer::Mint(minter),
+            (IntrospectionMode::Rfc7662, None) => return Err(SetupError::Minter),
+            (mode, _) => Answer::Curity(mode),
+        };
         Ok(Self {
             client,
-            url,
-            basic_auth: basic_auth(client_id, client_secret)?,
+            endpoint,
+            issuer: issuer.map(str::to_owned),
+            basic_auth: match &auth {
+                ClientAuth::Basic { client_id, secret } => Some(basic_auth(client_id, secret)?),
+                _ => None,
+            },
+            auth,
             accept: HeaderValue::from_static(match mode {
                 IntrospectionMode::Jwt => "application/jwt",
-                IntrospectionMode::Json => "application/json",
+                IntrospectionMode::Json | IntrospectionMode::Rfc7662 => "application/json",
             }),
-            mode,
+            answer,
         })
     }
 
+    /// What must run for the endpoint to be known, when it was not given.
+    pub fn discovery(&self) -> Option<discovery::Discovery> {
+        match (&self.issuer, self.endpoint.get()) {
+            (Some(issuer), None) => Some(discovery::Discovery {
+                client: self.client.clone(),
+                issuer: issuer.clone(),
+                endpoint: self.endpoint.clone(),
+            }),
+            _ => None,
+        }
+    }
+
     async fn call(&self, token: Token<'_>) -> Result<Introspected, IdpError> {
+        let url = self.endpoint.get().ok_or(IdpError::Undiscovered)?;
         let mut body = String::with_capacity(6 + token.len() + 8);
         body.push_str("token=");
         form_encode_into(token.expose(), &mut body);
-        let response = self
+        let mut request = self
             .client
-            .post(self.url.clone())
-            .header(AUTHORIZATION, self.basic_auth.clone())
+            .post(url.clone())
             .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
-            .header(ACCEPT, self.accept.clone())
-            .body(body)
-            .send()
-            .await
-            .map_err(transport_error)?;
+            .header(ACCEPT, self.accept.clone());
+        match &self.auth {
+            ClientAuth::Basic { .. } => {
+                if let Some(basic) = &self.basic_auth {
+                    request = request.header(AUTHORIZATION, basic.clone());
+                }
+            }
+            ClientAuth::Post { client_id, secret } => {
+                for (name, value) in [
+                    ("client_id", client_id.as_str()),
+                    ("client_secret", secret.expose()),
+                ] {
+                    body.push('&');
+                    body.push_str(name);
+                    body.push('=');
+                    form_encode_into(value, &mut body);
+                }
+            }
+            ClientAuth::PrivateKeyJwt {
+                client_id,
+                key,
+                audience,
+            } => {
+                let assertion = client_assertion(client_id, key, audience, now_secs())?;
+                body.push_str("&client_id=");
+                form_encode_into(client_id, &mut body);
+                body.push_str("&client_assertion_type=");
+                form_encode_into(CLIENT_ASSERTION_TYPE, &mut body);
+                body.push_str("&client_assertion=");
+                body.push_str(&assertion);
+            }
+        }
+        let response = request.body(body).send().await.map_err(transport_error)?;
         let status = response.status().as_u16();
         let cache = cache_directive(response.headers().get_all(CACHE_CONTROL).iter());
-        match (self.mode, status) {
-            (IntrospectionMode::Jwt, 204) => return Ok(Introspected::Inactive),
+        match (&self.answer, status) {
+            (Answer::Curity(IntrospectionMode::Jwt), 204) => return Ok(Introspected::Inactive),
             (_, 200) => {}
             (_, other) => return Err(IdpError::Status(other)),
         }
         let body = read_capped(response).await?;
-        match self.mode {
-            IntrospectionMode::Jwt => parse_jwt_body(&body, cache),
-            IntrospectionMode::Json => parse_json_body(&body, cache),
+        match &self.answer {
+            Answer::Curity(IntrospectionMode::Jwt) => parse_jwt_body(&body, cache),
+            Answer::Curity(_) => parse_json_body(&body, cache),
+            Answer::Mint(minter) => parse_rfc7662_body(&body, cache, minter, now_secs()),
         }
     }
+}
+
+/// RFC 7523 §2.2's `client_assertion_type`.
+const CLIENT_ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+/// A `private_key_jwt` assertion (RFC 7523 §3): the client is both issuer and subject, for the
+/// identity server's `audience`, short-lived, with a fresh `jti` so it cannot be replayed.
+pub fn client_assertion(
+    client_id: &str,
+    key: &SigningKey,
+    audience: &str,
+    now: u64,
+) -> Result<String, IdpError> {
+    let jti = jose::random_id().map_err(|_| IdpError::Signing)?;
+    let claims = serde_json::json!({
+        "iss": client_id,
+        "sub": client_id,
+        "aud": audience,
+        "iat": now,
+        "exp": now + ASSERTION_LIFETIME_SECS,
+        "jti": jti,
+    });
+    let serde_json::Value::Object(claims) = claims else {
+        unreachable!("a JSON object literal");
+    };
+    key.sign("JWT", &claims).map_err(|_| IdpError::Signing)
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs())
 }
 
 impl Introspect for HttpIntrospector {
@@ -248,7 +390,7 @@ fn transport_error(error: reqwest::Error) -> IdpError {
     }
 }
 
-async fn read_capped(mut response: reqwest::Response) -> Result<Vec<u8>, IdpError> {
+pub(crate) async fn read_capped(mut response: reqwest::Response) -> Result<Vec<u8>, IdpError> {
     if response
         .content_length()
         .is_some_and(|len| len > MAX_BODY_BYTES as u64)
@@ -352,27 +494,35 @@ pub fn parse_jwt_body(body: &[u8], cache: CacheDirective) -> Result<Introspected
     }))
 }
 
-/// json mode: RFC 7662 JSON; `active` decides, `jwt` holds the JWT.
-pub fn parse_json_body(body: &[u8], cache: CacheDirective) -> Result<Introspected, IdpError> {
+/// The RFC 7662 answer as a JSON object, or `None` when `active` is false.
+fn active_answer(
+    body: &[u8],
+) -> Result<Option<serde_json::Map<String, serde_json::Value>>, IdpError> {
     let response: serde_json::Value =
         serde_json::from_slice(body).map_err(|_| IdpError::BadResponse("body is not JSON"))?;
-    let response = response
-        .as_object()
-        .ok_or(IdpError::BadResponse("body is not a JSON object"))?;
+    let serde_json::Value::Object(response) = response else {
+        return Err(IdpError::BadResponse("body is not a JSON object"));
+    };
     match response.get("active") {
-        Some(serde_json::Value::Bool(true)) => {}
-        Some(serde_json::Value::Bool(false)) => return Ok(Introspected::Inactive),
-        _ => {
-            return Err(IdpError::BadResponse(
-                "`active` is missing or not a boolean",
-            ));
-        }
+        Some(serde_json::Value::Bool(true)) => Ok(Some(response)),
+        Some(serde_json::Value::Bool(false)) => Ok(None),
+        _ => Err(IdpError::BadResponse(
+            "`active` is missing or not a boolean",
+        )),
     }
+}
+
+/// json mode: RFC 7662 JSON; `active` decides, `jwt` holds the JWT.
+pub fn parse_json_body(body: &[u8], cache: CacheDirective) -> Result<Introspected, IdpError> {
+    let Some(response) = active_answer(body)? else {
+        return Ok(Introspected::Inactive);
+    };
     let jwt = response
         .get("jwt")
         .and_then(serde_json::Value::as_str)
         .ok_or(IdpError::BadResponse(
-            "active response without a `jwt` string",
+            "active response without a `jwt` string (a server that issues none needs \
+             --introspection-mode rfc7662)",
         ))?;
     let mut claims = jwt_claims(jwt)?;
     let response_exp = response.get("exp").map(numeric_date).transpose()?;
@@ -398,6 +548,38 @@ pub fn parse_json_body(body: &[u8], cache: CacheDirective) -> Result<Introspecte
         claims,
         response_exp,
         cache,
+    }))
+}
+
+/// rfc7662 mode: plain RFC 7662 JSON; `active` decides and phantom-authz signs the JWT, whose
+/// claims are then read back like any other JWT's. Only a `max-age` shortens the TTL: the
+/// answer's `exp` bounds it, whatever `no-store` says.
+pub fn parse_rfc7662_body(
+    body: &[u8],
+    cache: CacheDirective,
+    minter: &mint::Minter,
+    now: u64,
+) -> Result<Introspected, IdpError> {
+    let Some(response) = active_answer(body)? else {
+        return Ok(Introspected::Inactive);
+    };
+    let jti = jose::random_id().map_err(|_| IdpError::Signing)?;
+    let jwt = minter
+        .mint(&response, now, jti)
+        .map_err(|error| match error {
+            mint::MintError::Answer(problem) => IdpError::BadResponse(problem),
+            mint::MintError::Sign(_) => IdpError::Signing,
+        })?;
+    let claims = jwt_claims(&jwt)?;
+    Ok(Introspected::Active(ActiveToken {
+        jwt_exp: claims.exp,
+        jwt,
+        claims,
+        response_exp: None,
+        cache: match cache {
+            CacheDirective::MaxAge(max_age) => CacheDirective::MaxAge(max_age),
+            _ => CacheDirective::UntilExpiry,
+        },
     }))
 }
 

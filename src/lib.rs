@@ -10,6 +10,8 @@
 //! - [`authorizer`]: the flow itself: local cache, Redis, one introspection per token, TTL choice.
 //! - [`decision`]: the one place where outcomes become HTTP statuses, gRPC codes and headers. Pure.
 //! - [`jwt`]: the compact JWT shape every forwarded JWT is checked for, and its claims. Pure.
+//! - [`jose`]: the keys phantom-authz signs its own JWTs with (rfc7662 mode, client assertions)
+//!   and their JWK Set.
 //!
 //! [`forward`] is a second front door, HTTP forward-auth for gateways that cannot speak gRPC,
 //! onto the same line.
@@ -29,6 +31,7 @@ pub mod config;
 pub mod decision;
 pub mod forward;
 pub mod introspection;
+pub mod jose;
 pub mod jwt;
 pub mod metrics;
 pub mod probe;

@@ -195,33 +195,48 @@ pub type Health = Arc<dyn Fn() -> bool + Send + Sync>;
 #[derive(Clone)]
 pub struct Readiness {
     /// False once shutdown began.
-    serving: Arc<AtomicBool>,
+    pub serving: Arc<AtomicBool>,
     /// The Redis tier's health, when there is one. A failing Redis degrades, never unreadies:
     /// Checks still work through introspection.
-    redis: Option<Health>,
+    pub redis: Option<Health>,
     /// Whether this replica hears of evictions, when there is Redis to hear them through.
-    evictions: Option<Health>,
+    pub evictions: Option<Health>,
+    /// Whether `--issuer`'s metadata named the introspection endpoint, when it is to: until
+    /// then every Check that needs the IdP fails, so the replica is not ready.
+    pub discovery: Option<Health>,
 }
 
-impl Readiness {
-    pub fn new(serving: Arc<AtomicBool>, redis: Option<Health>, evictions: Option<Health>) -> Self {
-        Self {
-            serving,
-            redis,
-            evictions,
-        }
-    }
-}
-
-/// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown` resolves, each connection bound
-/// by [`ADMIN_HEADER_READ_TIMEOUT`].
+/// Serves `/metrics`, `/healthz`, `/readyz` and, with `jwks` (rfc7662 mode), the public keys of
+/// the JWTs phantom-authz signs at `/.well-known/jwks.json`, until `shutdown` resolves, each
+/// connection bound by [`ADMIN_HEADER_READ_TIMEOUT`].
 pub async fn serve_admin(
     listener: TcpListener,
     metrics: PrometheusHandle,
     readiness: Readiness,
+    jwks: Option<Arc<str>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    let app = Router::new()
+    let mut app = Router::new();
+    if let Some(jwks) = jwks {
+        app = app.route(
+            JWKS_PATH,
+            get(move || {
+                let body = jwks.to_string();
+                async move {
+                    (
+                        [
+                            (header::CONTENT_TYPE, "application/jwk-set+json"),
+                            // Long enough to spare the listener, short enough that a key added
+                            // for rotation reaches the APIs within minutes.
+                            (header::CACHE_CONTROL, "public, max-age=300"),
+                        ],
+                        body,
+                    )
+                }
+            }),
+        );
+    }
+    let app = app
         .route(
             "/metrics",
             get(move || {
@@ -247,6 +262,9 @@ pub async fn serve_admin(
         );
     serve_http(listener, app, ADMIN_HEADER_READ_TIMEOUT, true, shutdown).await;
 }
+
+/// Where the admin listener publishes the JWK Set of the JWTs phantom-authz signs.
+pub const JWKS_PATH: &str = "/.well-known/jwks.json";
 
 /// How long a client of the admin HTTP listener may take to send a request's headers, counted
 /// from connecting (or, between requests, from the previous response) to the blank line.
@@ -317,14 +335,20 @@ fn ready(readiness: &Readiness) -> impl IntoResponse + use<> {
         Some(listening) if listening() => "listening",
         Some(_) => "lost",
     };
-    let status = if serving {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
+    let discovered = readiness.discovery.as_ref().is_none_or(|done| done());
+    let discovery = match &readiness.discovery {
+        None => "disabled",
+        Some(_) if discovered => "done",
+        Some(_) => "pending",
+    };
+    let (status, state) = match (serving, discovered) {
+        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+        (true, false) => (StatusCode::SERVICE_UNAVAILABLE, "discovering"),
+        (true, true) => (StatusCode::OK, "ready"),
     };
     let body = format!(
-        "{{\"status\":\"{}\",\"redis\":\"{redis}\",\"evictions\":\"{evictions}\"}}\n",
-        if serving { "ready" } else { "shutting_down" }
+        "{{\"status\":\"{state}\",\"redis\":\"{redis}\",\"evictions\":\"{evictions}\",\
+         \"discovery\":\"{discovery}\"}}\n"
     );
     (status, [(header::CONTENT_TYPE, "application/json")], body)
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+use crate::jose::Algorithm;
 use crate::route::Unmatched;
 
 /// Command-line flags. Every flag is also read from the environment variable
@@ -85,9 +86,17 @@ pub struct Args {
     #[arg(long)]
     pub admin_grpc_tls_client_ca: Option<PathBuf>,
 
-    /// The identity server's introspection endpoint (http or https).
+    /// The identity server's introspection endpoint (http or https). Without it, --issuer's
+    /// discovery metadata names it.
     #[arg(long)]
     pub introspection_url: Option<String>,
+
+    /// The identity server's issuer identifier (http or https). At start the service reads its
+    /// metadata (OpenID discovery, then RFC 8414) and takes `introspection_endpoint` from it,
+    /// unless --introspection-url is given; it retries with backoff and is not ready until then.
+    /// Also the audience of `private_key_jwt` client assertions.
+    #[arg(long)]
+    pub issuer: Option<String>,
 
     /// PEM file of the CA(s) that sign the IdP's certificate. When given, only these are
     /// trusted for the IdP; otherwise the system's roots are.
@@ -119,6 +128,18 @@ pub struct Args {
     #[arg(long)]
     pub client_id: Option<String>,
 
+    /// How the introspecting client authenticates: `client_secret_basic` (HTTP Basic),
+    /// `client_secret_post` (in the form body), or `private_key_jwt` (an RFC 7523 assertion
+    /// signed with --client-assertion-key-file, fresh for every call).
+    #[arg(long, value_enum, default_value = "client_secret_basic")]
+    pub client_auth: ClientAuthMethod,
+
+    /// With --client-auth private_key_jwt: PEM PKCS#8 private key (P-256, Ed25519 or RSA) whose
+    /// public half the identity server has registered for --client-id. The assertion is signed
+    /// ES256, EdDSA or RS256 accordingly, with the key's RFC 7638 thumbprint as `kid`.
+    #[arg(long)]
+    pub client_assertion_key_file: Option<PathBuf>,
+
     /// Client secret of the introspecting client. Prefer --client-secret-file.
     #[arg(long)]
     pub client_secret: Option<String>,
@@ -127,10 +148,39 @@ pub struct Args {
     #[arg(long)]
     pub client_secret_file: Option<PathBuf>,
 
-    /// `jwt`: ask for `application/jwt`, the JWT is the body (204 means inactive).
-    /// `json`: RFC 7662 JSON whose `jwt` field holds the JWT.
+    /// `jwt`: ask for `application/jwt`, the JWT is the body (204 means inactive; Curity).
+    /// `json`: RFC 7662 JSON whose `jwt` field holds the JWT (Curity). `rfc7662`: plain RFC 7662
+    /// JSON from any OAuth server; phantom-authz signs the JWT itself (--jwt-issuer,
+    /// --jwt-signing-key-file).
     #[arg(long, value_enum, default_value = "jwt")]
     pub introspection_mode: IntrospectionMode,
+
+    /// rfc7662 mode: the `iss` of the JWTs phantom-authz signs (required in that mode). The APIs
+    /// behind the gateway trust this issuer and the keys at the admin listener's
+    /// /.well-known/jwks.json.
+    #[arg(long)]
+    pub jwt_issuer: Option<String>,
+
+    /// rfc7662 mode: the `aud` of every JWT signed, instead of the introspection answer's.
+    #[arg(long)]
+    pub jwt_audience: Option<String>,
+
+    /// rfc7662 mode: claims of the introspection answer copied into the JWT as they are
+    /// (comma-separated or repeated), e.g. `username,email`. `sub`, `client_id`, `scope`, `aud`
+    /// and `exp` are always carried; `iss`, `iat`, `jti` are phantom-authz's own.
+    #[arg(long, value_delimiter = ',', value_name = "CLAIM")]
+    pub jwt_forward_claims: Vec<String>,
+
+    /// rfc7662 mode: PEM file of PKCS#8 private keys (P-256, Ed25519 or RSA). The first signs;
+    /// every one is published at /.well-known/jwks.json, so a new key can be added second,
+    /// rolled out, and moved first once the APIs have fetched it.
+    #[arg(long)]
+    pub jwt_signing_key_file: Option<PathBuf>,
+
+    /// rfc7662 mode: the signature algorithm; the first key of --jwt-signing-key-file must be
+    /// of its type (ES256: P-256, EdDSA: Ed25519, RS256: RSA).
+    #[arg(long, value_enum, ignore_case = true, default_value = "ES256")]
+    pub jwt_signing_alg: Algorithm,
 
     /// Bound on one introspection call, connection included. An introspection runs to its end
     /// even when Envoy gives up on the Check that started it (Envoy's ext_authz `timeout`, 200 ms
@@ -272,6 +322,22 @@ pub enum IntrospectionMode {
     Jwt,
     /// `Accept: application/json`; RFC 7662 JSON with `active` and `jwt`.
     Json,
+    /// `Accept: application/json`; plain RFC 7662 JSON, and phantom-authz signs the JWT.
+    Rfc7662,
+}
+
+/// How the introspecting client authenticates to the identity server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ClientAuthMethod {
+    /// `Authorization: Basic` with the client id and secret (RFC 6749 §2.3.1).
+    #[value(name = "client_secret_basic")]
+    SecretBasic,
+    /// `client_id` and `client_secret` in the form body (RFC 6749 §2.3.1).
+    #[value(name = "client_secret_post")]
+    SecretPost,
+    /// A signed JWT assertion (RFC 7523 §2.2), fresh for every call.
+    #[value(name = "private_key_jwt")]
+    PrivateKeyJwt,
 }
 
 /// Log line format.

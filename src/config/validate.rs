@@ -82,7 +82,11 @@ impl Config {
 /// The flags without which nothing can start, all named at once when missing.
 fn required(args: &Args) -> Result<(), ConfigError> {
     let missing: Vec<(&'static str, &'static str)> = [
-        ("--introspection-url", "", args.introspection_url.is_none()),
+        (
+            "--introspection-url",
+            " (or --issuer)",
+            args.introspection_url.is_none() && args.issuer.is_none(),
+        ),
         (
             "--client-id",
             "",
@@ -91,7 +95,9 @@ fn required(args: &Args) -> Result<(), ConfigError> {
         (
             "--client-secret",
             " (or --client-secret-file)",
-            args.client_secret.is_none() && args.client_secret_file.is_none(),
+            args.client_auth != ClientAuthMethod::PrivateKeyJwt
+                && args.client_secret.is_none()
+                && args.client_secret_file.is_none(),
         ),
     ]
     .into_iter()
@@ -115,37 +121,29 @@ fn required(args: &Args) -> Result<(), ConfigError> {
 }
 
 fn introspection(args: &Args) -> Result<IntrospectionConfig, ConfigError> {
-    let url = args.introspection_url.clone().unwrap_or_default();
-    http_url("--introspection-url", &url, Credentials::Refused)?;
-    let client_id = args.client_id.clone().unwrap_or_default();
-    if client_id.contains(':') {
-        // RFC 6749 §2.3.1 form-encodes the id, but Curity ids never contain ':' and a colon
-        // here is almost always a pasted "id:secret" pair.
-        return Err(invalid("--client-id", "must not contain ':'"));
+    if let Some(url) = &args.introspection_url {
+        http_url("--introspection-url", url, Credentials::Refused)?;
     }
-    let client_secret = match (&args.client_secret, &args.client_secret_file) {
-        (Some(_), Some(_)) => {
-            return Err(invalid(
-                "--client-secret",
-                "give either --client-secret or --client-secret-file, not both",
-            ));
-        }
-        (Some(secret), None) if secret.is_empty() => {
-            return Err(invalid("--client-secret", "must not be empty"));
-        }
-        (Some(secret), None) => SecretSource::Value(Secret::new(secret.as_str())),
-        (None, Some(path)) => SecretSource::File(path.clone()),
-        (None, None) => {
-            return Err(invalid(
-                "--client-secret",
-                "is required (or --client-secret-file)",
-            ));
-        }
+    if let Some(issuer) = &args.issuer {
+        http_url("--issuer", issuer, Credentials::Refused)?;
+    }
+    let endpoint = match (&args.introspection_url, &args.issuer) {
+        (Some(url), _) => Endpoint::Url(url.clone()),
+        (None, Some(issuer)) => Endpoint::Discover {
+            issuer: issuer.clone(),
+        },
+        (None, None) => return Err(invalid("--introspection-url", "is required (or --issuer)")),
     };
-    if args.idp_ca_file.is_some() && url.starts_with("http://") {
+    let client_id = args.client_id.clone().unwrap_or_default();
+    let client_auth = client_auth(args, &client_id)?;
+    let plain_http = match &endpoint {
+        Endpoint::Url(url) => url.starts_with("http://"),
+        Endpoint::Discover { issuer } => issuer.starts_with("http://"),
+    };
+    if args.idp_ca_file.is_some() && plain_http {
         return Err(invalid(
             "--idp-ca-file",
-            "needs an https:// --introspection-url",
+            "needs an https:// --introspection-url (or --issuer)",
         ));
     }
     let proxy = args
@@ -165,12 +163,14 @@ fn introspection(args: &Args) -> Result<IntrospectionConfig, ConfigError> {
         above_zero("--circuit-open-duration", args.circuit_open_duration)?;
     }
     Ok(IntrospectionConfig {
-        url,
+        endpoint,
+        issuer: args.issuer.clone(),
         ca_file: args.idp_ca_file.clone(),
         proxy,
         client_id,
-        client_secret,
+        client_auth,
         mode: args.introspection_mode,
+        mint: mint(args)?,
         timeout: args.introspection_timeout,
         guard: GuardConfig {
             max_concurrent: args.max_concurrent_introspections,
@@ -178,6 +178,152 @@ fn introspection(args: &Args) -> Result<IntrospectionConfig, ConfigError> {
             open_for: args.circuit_open_duration,
         },
     })
+}
+
+/// The introspecting client's credential: a secret (Basic or in the body) or a key.
+fn client_auth(args: &Args, client_id: &str) -> Result<ClientAuthConfig, ConfigError> {
+    if args.client_auth == ClientAuthMethod::PrivateKeyJwt {
+        for (flag, given) in [
+            ("--client-secret", args.client_secret.is_some()),
+            ("--client-secret-file", args.client_secret_file.is_some()),
+        ] {
+            if given {
+                return Err(invalid(
+                    flag,
+                    "has no use with --client-auth private_key_jwt",
+                ));
+            }
+        }
+        let key_file = args.client_assertion_key_file.clone().ok_or_else(|| {
+            invalid(
+                "--client-assertion-key-file",
+                "is required with --client-auth private_key_jwt",
+            )
+        })?;
+        return Ok(ClientAuthConfig::PrivateKeyJwt { key_file });
+    }
+    if args.client_assertion_key_file.is_some() {
+        return Err(invalid(
+            "--client-assertion-key-file",
+            "has no use without --client-auth private_key_jwt",
+        ));
+    }
+    if args.client_auth == ClientAuthMethod::SecretBasic && client_id.contains(':') {
+        // RFC 6749 §2.3.1 form-encodes the id, but ids almost never contain ':' and a colon
+        // here is almost always a pasted "id:secret" pair.
+        return Err(invalid("--client-id", "must not contain ':'"));
+    }
+    let secret = match (&args.client_secret, &args.client_secret_file) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "--client-secret",
+                "give either --client-secret or --client-secret-file, not both",
+            ));
+        }
+        (Some(secret), None) if secret.is_empty() => {
+            return Err(invalid("--client-secret", "must not be empty"));
+        }
+        (Some(secret), None) => SecretSource::Value(Secret::new(secret.as_str())),
+        (None, Some(path)) => SecretSource::File(path.clone()),
+        (None, None) => {
+            return Err(invalid(
+                "--client-secret",
+                "is required (or --client-secret-file)",
+            ));
+        }
+    };
+    Ok(match args.client_auth {
+        ClientAuthMethod::SecretPost => ClientAuthConfig::SecretPost(secret),
+        _ => ClientAuthConfig::SecretBasic(secret),
+    })
+}
+
+/// Claims phantom-authz sets itself in the JWTs it signs, which no answer may override.
+const OWN_CLAIMS: &[&str] = &[
+    "iss",
+    "sub",
+    "aud",
+    "exp",
+    "iat",
+    "nbf",
+    "jti",
+    "client_id",
+    "scope",
+];
+
+/// rfc7662 mode's signing settings; in the other modes, none of its flags may be given.
+fn mint(args: &Args) -> Result<Option<MintConfig>, ConfigError> {
+    if args.introspection_mode != IntrospectionMode::Rfc7662 {
+        for (flag, given) in [
+            ("--jwt-issuer", args.jwt_issuer.is_some()),
+            ("--jwt-audience", args.jwt_audience.is_some()),
+            ("--jwt-forward-claims", !args.jwt_forward_claims.is_empty()),
+            (
+                "--jwt-signing-key-file",
+                args.jwt_signing_key_file.is_some(),
+            ),
+        ] {
+            if given {
+                return Err(invalid(
+                    flag,
+                    "has no use without --introspection-mode rfc7662 (the identity server signs \
+                     the JWT in the other modes)",
+                ));
+            }
+        }
+        return Ok(None);
+    }
+    let text = |flag: &'static str,
+                value: &Option<String>|
+     -> Result<Option<String>, ConfigError> {
+        match value {
+            Some(value) if value.is_empty() || value.chars().any(char::is_control) => Err(invalid(
+                flag,
+                "must be a non-empty string without control characters",
+            )),
+            other => Ok(other.clone()),
+        }
+    };
+    let issuer = text("--jwt-issuer", &args.jwt_issuer)?.ok_or_else(|| {
+        invalid(
+            "--jwt-issuer",
+            "is required with --introspection-mode rfc7662: the `iss` of the JWTs phantom-authz \
+             signs",
+        )
+    })?;
+    let audience = text("--jwt-audience", &args.jwt_audience)?;
+    let key_file = args.jwt_signing_key_file.clone().ok_or_else(|| {
+        invalid(
+            "--jwt-signing-key-file",
+            "is required with --introspection-mode rfc7662: a PEM PKCS#8 private key \
+             (`openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out jwt-key.pem`)",
+        )
+    })?;
+    let mut forward_claims: Vec<String> = Vec::new();
+    for claim in args.jwt_forward_claims.iter().map(|c| c.trim()) {
+        if claim.is_empty() || claim.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err(invalid(
+                "--jwt-forward-claims",
+                "a claim name is empty or has spaces",
+            ));
+        }
+        if OWN_CLAIMS.contains(&claim) {
+            return Err(invalid(
+                "--jwt-forward-claims",
+                format!("`{claim}` is always set by phantom-authz itself"),
+            ));
+        }
+        if !forward_claims.iter().any(|c| c == claim) {
+            forward_claims.push(claim.to_owned());
+        }
+    }
+    Ok(Some(MintConfig {
+        issuer,
+        audience,
+        forward_claims,
+        key_file,
+        algorithm: args.jwt_signing_alg,
+    }))
 }
 
 fn redis(args: &Args) -> Result<Option<RedisConfig>, ConfigError> {
