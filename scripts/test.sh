@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs phantom-authz's whole test suite on a fresh Debian machine: installs what the tests need
-# (redis-server, nginx, caddy), then checks formatting and lints and runs every unit and
+# (redis-server, nginx, caddy, the Node.js OAuth server), then checks formatting and lints and runs every unit and
 # integration test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +36,16 @@ for gateway in nginx caddy; do
     fi
 done
 export PATH="$PATH:/usr/sbin"
+# The rfc7662 tests run a real OAuth server (npm oidc-provider) and verify JWTs with npm jose,
+# both pinned by tests/oidc/package-lock.json.
+if ! command -v node >/dev/null 2>&1; then
+    echo "==> installing nodejs and npm"
+    apt_install nodejs npm
+fi
+if [ ! tests/oidc/node_modules/.package-lock.json -nt tests/oidc/package-lock.json ]; then
+    echo "==> npm ci --prefix tests/oidc (oidc-provider, jose)"
+    npm ci --prefix tests/oidc --no-audit --no-fund --loglevel=error
+fi
 
 echo "==> cargo fmt --check"
 cargo fmt --check

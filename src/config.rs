@@ -523,6 +523,183 @@ mod tests {
     }
 
     #[test]
+    fn rfc7662_mode_takes_its_signing_settings() {
+        let config = args(&[
+            "--introspection-mode",
+            "rfc7662",
+            "--jwt-issuer",
+            "https://gateway.example",
+            "--jwt-signing-key-file",
+            "/run/keys/jwt.pem",
+            "--jwt-signing-alg",
+            "eddsa",
+            "--jwt-forward-claims",
+            "username,email",
+            "--jwt-forward-claims",
+            "department,email",
+        ])
+        .unwrap();
+        let mint = config.introspection.mint.unwrap();
+        assert_eq!(mint.issuer, "https://gateway.example");
+        assert_eq!(mint.forward_claims, ["username", "email", "department"]);
+        assert_eq!(mint.algorithm, crate::jose::Algorithm::EdDsa);
+        assert_eq!(mint.audience, None);
+        // The Curity modes sign nothing.
+        assert!(args(&[]).unwrap().introspection.mint.is_none());
+
+        let rfc7662 = ["--introspection-mode", "rfc7662"];
+        let signing = [
+            "--jwt-issuer",
+            "https://gw",
+            "--jwt-signing-key-file",
+            "/k.pem",
+        ];
+        for (extra, says) in [
+            (
+                &rfc7662[..],
+                "--jwt-issuer: is required with --introspection-mode rfc7662",
+            ),
+            (
+                &[
+                    "--introspection-mode",
+                    "rfc7662",
+                    "--jwt-issuer",
+                    "https://gw",
+                ][..],
+                "--jwt-signing-key-file: is required",
+            ),
+            (
+                &["--jwt-issuer", "https://gw"][..],
+                "--jwt-issuer: has no use without --introspection-mode rfc7662",
+            ),
+            (
+                &[&rfc7662[..], &signing[..], &["--jwt-forward-claims", "sub"]].concat()[..],
+                "`sub` is always set by phantom-authz itself",
+            ),
+            (
+                &[
+                    &rfc7662[..],
+                    &signing[..],
+                    &["--jwt-forward-claims", "a,,b"],
+                ]
+                .concat()[..],
+                "a claim name is empty",
+            ),
+            (
+                &[
+                    &rfc7662[..],
+                    &["--jwt-issuer", "", "--jwt-signing-key-file", "/k"],
+                ]
+                .concat()[..],
+                "--jwt-issuer: must be a non-empty string",
+            ),
+        ] {
+            let err = args(extra).unwrap_err().to_string();
+            assert!(err.contains(says), "{extra:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_endpoint_may_be_discovered_and_the_client_may_sign_its_assertions() {
+        let config = load_with(
+            &[
+                "--issuer",
+                "https://idp.example/realms/main",
+                "--client-id",
+                "gw",
+                "--client-auth",
+                "private_key_jwt",
+                "--client-assertion-key-file",
+                "/run/keys/client.pem",
+            ],
+            &[],
+            "",
+        )
+        .unwrap();
+        assert!(matches!(
+            &config.introspection.endpoint,
+            Endpoint::Discover { issuer } if issuer == "https://idp.example/realms/main"
+        ));
+        assert!(matches!(
+            &config.introspection.client_auth,
+            ClientAuthConfig::PrivateKeyJwt { key_file } if key_file.ends_with("client.pem")
+        ));
+        // An explicit endpoint wins over discovery.
+        let config = args(&["--issuer", "https://idp.example"]).unwrap();
+        assert!(matches!(config.introspection.endpoint, Endpoint::Url(_)));
+        assert!(matches!(
+            config.introspection.client_auth,
+            ClientAuthConfig::SecretBasic(_)
+        ));
+        let post = args(&["--client-auth", "client_secret_post"]).unwrap();
+        assert!(matches!(
+            post.introspection.client_auth,
+            ClientAuthConfig::SecretPost(_)
+        ));
+
+        for (extra, says) in [
+            (
+                &["--client-auth", "private_key_jwt"][..],
+                "--client-secret: has no use with --client-auth private_key_jwt",
+            ),
+            (
+                &["--client-assertion-key-file", "/k.pem"][..],
+                "--client-assertion-key-file: has no use without --client-auth private_key_jwt",
+            ),
+            (
+                &["--issuer", "https://user:pw@idp.example"][..],
+                "--issuer:",
+            ),
+        ] {
+            let err = args(extra).unwrap_err().to_string();
+            assert!(err.starts_with(says), "{extra:?}: {err}");
+            assert!(!err.contains("pw@"), "{err}");
+        }
+        let err = load_with(
+            &[
+                "--issuer",
+                "https://idp.example",
+                "--client-id",
+                "gw",
+                "--client-auth",
+                "private_key_jwt",
+            ],
+            &[],
+            "",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("--client-assertion-key-file: is required"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn check_config_prints_every_value_of_a_list_flag() {
+        let argv = [
+            "phantom-authz",
+            "--jwt-forward-claims",
+            "username",
+            "--jwt-forward-claims",
+            "email,department",
+        ]
+        .iter()
+        .map(Into::into)
+        .collect();
+        let effective = load::settings(argv, &|_| None, &|_| {
+            Err(std::io::ErrorKind::NotFound.into())
+        })
+        .unwrap();
+        let shown = effective
+            .settings
+            .iter()
+            .find(|(flag, _)| flag == "jwt-forward-claims")
+            .map(|(_, value)| value.as_str());
+        assert_eq!(shown, Some("username,email,department"));
+    }
+
+    #[test]
     fn claim_headers_are_checked() {
         let config = args(&["--claim-header", "sub=X-User-Id,client_id=x-client-id"]).unwrap();
         assert_eq!(

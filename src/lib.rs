@@ -6,7 +6,8 @@
 //!   admin HTTP endpoints (`/metrics`, `/healthz`, `/readyz`).
 //! - [`token`]: finding the bearer token in a `CheckRequest` and deriving its cache key. Pure.
 //! - [`cache`]: the in-process tier and the shared Redis tier holding token→JWT entries.
-//! - [`introspection`]: the HTTP client for the identity server and the parsing of its answers.
+//! - [`introspection`]: the HTTP client for the identity server and the parsing of its answers;
+//!   in rfc7662 mode it signs the JWT from the answer itself, and it can discover its endpoint.
 //! - [`authorizer`]: the flow itself: local cache, Redis, one introspection per token, TTL choice.
 //! - [`decision`]: the one place where outcomes become HTTP statuses, gRPC codes and headers. Pure.
 //! - [`jwt`]: the compact JWT shape every forwarded JWT is checked for, and its claims. Pure.

@@ -72,7 +72,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         // Logging is up by now: the reason goes out once, in the log's format.
         Err(Failure::Configuration(error)) => {
-            tracing::error!("configuration error: {error:#}");
+            tracing::error!("configuration error: {}", reasons(&error));
             ExitCode::from(2)
         }
         Err(Failure::Serving(error)) => {
@@ -192,4 +192,20 @@ fn terminated() -> impl Future<Output = ()> {
             _ = int.recv() => {}
         }
     }
+}
+
+/// The error and its causes in one line, each cause once: most messages already end with their
+/// source's text, which `{:#}` would repeat.
+fn reasons(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let cause = cause.to_string();
+        if !line.contains(&cause) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&cause);
+        }
+    }
+    line
 }

@@ -336,10 +336,11 @@ fn ready(readiness: &Readiness) -> impl IntoResponse + use<> {
         Some(_) => "lost",
     };
     let discovered = readiness.discovery.as_ref().is_none_or(|done| done());
+    // Shown only when the introspection endpoint is discovered (--issuer without a URL).
     let discovery = match &readiness.discovery {
-        None => "disabled",
-        Some(_) if discovered => "done",
-        Some(_) => "pending",
+        None => String::new(),
+        Some(_) if discovered => ",\"discovery\":\"done\"".to_owned(),
+        Some(_) => ",\"discovery\":\"pending\"".to_owned(),
     };
     let (status, state) = match (serving, discovered) {
         (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
@@ -347,8 +348,8 @@ fn ready(readiness: &Readiness) -> impl IntoResponse + use<> {
         (true, true) => (StatusCode::OK, "ready"),
     };
     let body = format!(
-        "{{\"status\":\"{state}\",\"redis\":\"{redis}\",\"evictions\":\"{evictions}\",\
-         \"discovery\":\"{discovery}\"}}\n"
+        "{{\"status\":\"{state}\",\"redis\":\"{redis}\",\"evictions\":\"{evictions}\"\
+         {discovery}}}\n"
     );
     (status, [(header::CONTENT_TYPE, "application/json")], body)
 }

@@ -66,13 +66,16 @@ pub fn settings(
         if long == "config" {
             continue;
         }
-        let Some(mut values) = matches.get_raw(id) else {
+        let Some(values) = matches.get_raw(id) else {
             continue;
         };
-        let Some(value) = values.next_back() else {
-            continue;
+        let values: Vec<_> = values.map(|value| value.to_string_lossy()).collect();
+        // A list flag shows every value; any other flag given twice, the one that wins.
+        let value = match (arg.get_value_delimiter(), values.last()) {
+            (_, None) => continue,
+            (Some(delimiter), Some(_)) => values.join(&delimiter.to_string()).into(),
+            (None, Some(last)) => last.clone(),
         };
-        let value = value.to_string_lossy();
         let shown = match long {
             "client-secret" => "***".to_owned(),
             "redis-url" | "idp-proxy" => super::masked_url(&value),

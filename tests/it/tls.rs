@@ -546,6 +546,14 @@ async fn rediss_with_a_private_ca_is_shared_between_instances() {
         .await,
         "the entry never reached Redis over TLS"
     );
+    // B's own TLS connection to Redis may still be under way on a loaded machine.
+    assert!(
+        eventually(Duration::from_secs(5), async || {
+            b.admin_get("/readyz").await.1.contains(r#""redis":"up""#)
+        })
+        .await,
+        "B never reached Redis over TLS"
+    );
     let mut client_b = b.client().await;
     assert_eq!(
         check(&mut client_b, bearer_request("shared"))

@@ -16,6 +16,8 @@ use super::{CLIENT_ID, CLIENT_SECRET, http_get, metric_at, shared_cache_secret_f
 pub(crate) struct App {
     pub(crate) grpc: SocketAddr,
     pub(crate) admin: SocketAddr,
+    /// The admin gRPC listener, when started with `--admin-grpc-listen`.
+    pub(crate) admin_grpc: Option<SocketAddr>,
     /// The HTTP forward-auth listener, when started with `--http-listen`.
     pub(crate) http: Option<SocketAddr>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -28,12 +30,7 @@ impl App {
     /// With Redis, it returns once the service listens for evictions (a replica drops what it
     /// looked up before it subscribed, so Checks sent earlier would not be cached).
     pub(crate) async fn start(idp_url: &str, mode: &str, extra: &[&str]) -> App {
-        let mut argv: Vec<OsString> = [
-            "phantom-authz",
-            "--grpc-listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
+        let flags: Vec<&str> = [
             "--introspection-url",
             idp_url,
             "--introspection-mode",
@@ -45,9 +42,20 @@ impl App {
         ]
         .iter()
         .chain(extra)
-        .map(Into::into)
+        .copied()
         .collect();
-        if extra.contains(&"--redis-url") && !extra.contains(&"--cache-secret-file") {
+        App::launch(&flags).await
+    }
+
+    /// Starts the service with exactly these flags besides its port-0 listeners.
+    pub(crate) async fn launch(flags: &[&str]) -> App {
+        let mut argv: Vec<OsString> = ["phantom-authz", "--grpc-listen", "127.0.0.1:0"]
+            .iter()
+            .chain(["--admin-listen", "127.0.0.1:0"].iter())
+            .chain(flags)
+            .map(Into::into)
+            .collect();
+        if flags.contains(&"--redis-url") && !flags.contains(&"--cache-secret-file") {
             argv.push("--cache-secret-file".into());
             argv.push(shared_cache_secret_file().into());
         }
@@ -81,10 +89,11 @@ impl App {
         let app = App {
             grpc: bound.grpc,
             admin: bound.admin,
+            admin_grpc: bound.admin_grpc,
             http: bound.http,
             stop: Some(stop),
         };
-        if extra.contains(&"--redis-url") {
+        if flags.contains(&"--redis-url") {
             // Bounded only so that a Redis that never comes up does not hang the test; tests
             // that start without Redis on purpose do not wait.
             super::eventually(std::time::Duration::from_secs(2), async || {

@@ -1,0 +1,286 @@
+//! `--introspection-mode rfc7662` against a real OAuth server, npm `oidc-provider`: its access
+//! tokens exchanged for JWTs that phantom-authz signs and an independent JOSE library verifies,
+//! cached until the token's `exp`, revoked, discovered through `--issuer`, with each client
+//! authentication method the server accepts.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use phantom_authz::metrics::INTROSPECTIONS;
+
+use crate::support::{
+    App, OidcOptions, OidcProvider, bearer_request, check, es256_key_file, eventually, evict,
+    free_port, verify_jwt,
+};
+
+const JWT_ISSUER: &str = "https://phantom-authz.test";
+const INVALID_TOKEN: &str = "Bearer realm=\"api\", error=\"invalid_token\"";
+
+/// Flags for rfc7662 mode signing with `key`, introspecting as `client` (`gw-basic` or
+/// `gw-post`, whose secret is `<client>-secret` in the fixture).
+fn rfc7662_flags<'a>(
+    introspection_url: &'a str,
+    key: &'a str,
+    client: &'a str,
+    secret: &'a str,
+) -> Vec<&'a str> {
+    vec![
+        "--introspection-url",
+        introspection_url,
+        "--introspection-mode",
+        "rfc7662",
+        "--client-id",
+        client,
+        "--client-secret",
+        secret,
+        "--jwt-issuer",
+        JWT_ISSUER,
+        "--jwt-signing-key-file",
+        key,
+    ]
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// The upstream JWT of an allow, verified with npm `jose` against the service's JWKS.
+async fn verified(app: &App, authorization: Option<&str>) -> serde_json::Value {
+    let jwt = authorization
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .expect("an allow carries `Authorization: Bearer <JWT>`");
+    let jwks = format!("http://{}/.well-known/jwks.json", app.admin);
+    verify_jwt(&jwks, JWT_ISSUER, jwt)
+        .await
+        .unwrap_or_else(|reason| panic!("the JWT does not verify: {reason}"))
+}
+
+fn key_path(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+#[tokio::test]
+async fn a_real_token_becomes_a_jwt_that_an_independent_library_verifies() {
+    let provider = OidcProvider::start(OidcOptions::default());
+    let dir = tempfile::tempdir().unwrap();
+    let key = es256_key_file(dir.path(), "signing.pem");
+    let url = provider.introspection_url();
+    // client_secret_post this time; the other tests use client_secret_basic and private_key_jwt.
+    let mut flags = rfc7662_flags(&url, key_path(&key), "gw-post", "gw-post-secret");
+    flags.extend([
+        "--client-auth",
+        "client_secret_post",
+        "--jwt-forward-claims",
+        "token_type",
+    ]);
+    let app = App::launch(&flags).await;
+    let mut client = app.client().await;
+
+    let token = provider.token().await;
+    let issued = unix_now();
+    let verdict = check(&mut client, bearer_request(&token)).await;
+    assert_eq!(verdict.http_status, 200, "{verdict:?}");
+    let jwt = verified(&app, verdict.header("authorization")).await;
+    let (header, claims) = (&jwt["header"], &jwt["payload"]);
+    assert_eq!(header["alg"], "ES256");
+    assert_eq!(header["typ"], "at+jwt");
+    assert!(header["kid"].as_str().is_some_and(|kid| kid.len() == 43));
+    assert_eq!(claims["iss"], JWT_ISSUER);
+    // A client-credentials token has no user: the client is the subject.
+    assert_eq!(claims["sub"], "app");
+    assert_eq!(claims["client_id"], "app");
+    assert_eq!(claims["scope"], "read write");
+    assert_eq!(claims["token_type"], "Bearer");
+    // oidc-provider's tokens live 600 s; the JWT ends when the token does, not later.
+    let exp = claims["exp"].as_u64().unwrap();
+    assert!(
+        (issued + 595..=issued + 601).contains(&exp),
+        "exp {exp} issued {issued}"
+    );
+    assert!(claims["jti"].as_str().is_some_and(|jti| !jti.is_empty()));
+    assert_eq!(app.metric(INTROSPECTIONS, &[]).await, 1.0);
+
+    // A second Check is a cache hit: the same JWT, no introspection.
+    let again = check(&mut client, bearer_request(&token)).await;
+    assert_eq!(
+        again.header("authorization"),
+        verdict.header("authorization")
+    );
+    assert_eq!(app.metric(INTROSPECTIONS, &[]).await, 1.0);
+}
+
+#[tokio::test]
+async fn the_tokens_exp_ends_its_cache_entry() {
+    let provider = OidcProvider::start(OidcOptions {
+        access_token_ttl: Some(2),
+        ..OidcOptions::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let key = es256_key_file(dir.path(), "signing.pem");
+    let url = provider.introspection_url();
+    let app = App::launch(&rfc7662_flags(
+        &url,
+        key_path(&key),
+        "gw-basic",
+        "gw-basic-secret",
+    ))
+    .await;
+    let mut client = app.client().await;
+
+    let token = provider.token().await;
+    let first = check(&mut client, bearer_request(&token)).await;
+    assert_eq!(first.http_status, 200, "{first:?}");
+    let exp = verified(&app, first.header("authorization")).await["payload"]["exp"]
+        .as_u64()
+        .unwrap();
+    // Allowed from the cache until `exp` (5 minutes is the default --max-cache-ttl), then
+    // introspected again and denied: never an allow after the token's end.
+    let denied = eventually(Duration::from_secs(10), async || {
+        let verdict = check(&mut client, bearer_request(&token)).await;
+        if verdict.http_status == 200 {
+            assert!(unix_now() <= exp, "allowed after the token's exp {exp}");
+            return false;
+        }
+        assert_eq!(verdict.http_status, 401, "{verdict:?}");
+        true
+    })
+    .await;
+    assert!(denied, "the expired token was never denied");
+    assert!(app.metric(INTROSPECTIONS, &[]).await >= 2.0);
+}
+
+#[tokio::test]
+async fn a_token_revoked_at_the_server_is_denied_once_evicted() {
+    let provider = OidcProvider::start(OidcOptions::default());
+    let dir = tempfile::tempdir().unwrap();
+    let key = es256_key_file(dir.path(), "signing.pem");
+    let admin_token = dir.path().join("admin-token");
+    std::fs::write(&admin_token, "admin-Secret-0123456789abcdef\n").unwrap();
+    let url = provider.introspection_url();
+    let mut flags = rfc7662_flags(&url, key_path(&key), "gw-basic", "gw-basic-secret");
+    flags.extend([
+        "--admin-grpc-listen",
+        "127.0.0.1:0",
+        "--admin-token-file",
+        key_path(&admin_token),
+    ]);
+    let app = App::launch(&flags).await;
+    let mut client = app.client().await;
+
+    let token = provider.token().await;
+    assert_eq!(
+        check(&mut client, bearer_request(&token)).await.http_status,
+        200
+    );
+    provider.revoke(&token).await;
+    // Still allowed from the cache: the server does not tell phantom-authz (the bound is the
+    // token's exp and --max-cache-ttl) ...
+    assert_eq!(
+        check(&mut client, bearer_request(&token)).await.http_status,
+        200
+    );
+    // ... until the revocation is pushed with EvictToken.
+    evict(
+        app.admin_grpc.unwrap(),
+        Some("Bearer admin-Secret-0123456789abcdef"),
+        &token,
+    )
+    .await
+    .unwrap();
+    let verdict = check(&mut client, bearer_request(&token)).await;
+    assert_eq!(verdict.http_status, 401, "{verdict:?}");
+    assert_eq!(verdict.header("www-authenticate"), Some(INVALID_TOKEN));
+}
+
+#[tokio::test]
+async fn the_endpoint_is_discovered_and_private_key_jwt_is_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = es256_key_file(dir.path(), "signing.pem");
+    let client_key = es256_key_file(dir.path(), "client.pem");
+    // The service starts first and looks for a server that is not there yet.
+    let port = free_port();
+    let issuer = format!("http://127.0.0.1:{port}");
+    let app = App::launch(&[
+        "--issuer",
+        &issuer,
+        "--introspection-mode",
+        "rfc7662",
+        "--client-id",
+        "gw-jwt",
+        "--client-auth",
+        "private_key_jwt",
+        "--client-assertion-key-file",
+        key_path(&client_key),
+        "--jwt-issuer",
+        JWT_ISSUER,
+        "--jwt-signing-key-file",
+        key_path(&key),
+    ])
+    .await;
+    let (status, body) = app.admin_get("/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains(r#""discovery":"pending""#), "{body}");
+    let mut client = app.client().await;
+    let verdict = check(&mut client, bearer_request("not-yet-known-tok")).await;
+    assert_eq!(verdict.http_status, 503, "{verdict:?}");
+
+    let provider = OidcProvider::start(OidcOptions {
+        client_key_file: Some(&client_key),
+        port: Some(port),
+        ..OidcOptions::default()
+    });
+    let discovered = eventually(Duration::from_secs(15), async || {
+        app.admin_get("/readyz").await.0 == 200
+    })
+    .await;
+    assert!(discovered, "{:?}", app.admin_get("/readyz").await);
+    assert!(
+        app.admin_get("/readyz")
+            .await
+            .1
+            .contains(r#""discovery":"done""#)
+    );
+
+    // oidc-provider accepts gw-jwt's client assertion, and answers for the token.
+    let token = provider.token().await;
+    let verdict = check(&mut client, bearer_request(&token)).await;
+    assert_eq!(verdict.http_status, 200, "{verdict:?}");
+    assert_eq!(
+        verified(&app, verdict.header("authorization")).await["payload"]["client_id"],
+        "app"
+    );
+    // A fresh assertion for each call (oidc-provider refuses a replayed jti).
+    let other = provider.token().await;
+    let verdict = check(&mut client, bearer_request(&other)).await;
+    assert_eq!(verdict.http_status, 200, "{verdict:?}");
+}
+
+#[tokio::test]
+async fn an_unknown_token_is_invalid_and_a_stopped_server_is_unavailable() {
+    let mut provider = OidcProvider::start(OidcOptions::default());
+    let dir = tempfile::tempdir().unwrap();
+    let key = es256_key_file(dir.path(), "signing.pem");
+    let url = provider.introspection_url();
+    let app = App::launch(&rfc7662_flags(
+        &url,
+        key_path(&key),
+        "gw-basic",
+        "gw-basic-secret",
+    ))
+    .await;
+    let mut client = app.client().await;
+
+    let unknown = check(&mut client, bearer_request("NeverIssuedByThisServer0123")).await;
+    assert_eq!(unknown.http_status, 401, "{unknown:?}");
+    assert_eq!(unknown.header("www-authenticate"), Some(INVALID_TOKEN));
+    assert!(unknown.header("authorization").is_none());
+
+    let token = provider.token().await;
+    provider.stop();
+    let verdict = check(&mut client, bearer_request(&token)).await;
+    assert_eq!(verdict.http_status, 503, "{verdict:?}");
+    assert!(verdict.header("authorization").is_none());
+}
