@@ -358,9 +358,16 @@ impl App {
                 stopped(stop_rx.clone()),
             )),
         )];
-        // Ends once the endpoint is known; aborted with the rest if it never is.
+        // Ends once the endpoint is known, or at shutdown if it never is.
         if let Some(discovery) = self.discovery {
-            tasks.push(("identity server discovery", tokio::spawn(discovery.run())));
+            let stop = stopped(stop_rx.clone());
+            let discovering = async move {
+                tokio::select! {
+                    () = discovery.run() => {}
+                    () = stop => {}
+                }
+            };
+            tasks.push(("identity server discovery", tokio::spawn(discovering)));
         }
 
         let signal_health = health.clone();

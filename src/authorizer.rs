@@ -326,8 +326,8 @@ impl Drop for Landing {
     }
 }
 
-/// The TTL for an active answer: `max-age` or the default, never past the JWT's or the
-/// response's `exp`, nor past `max`. `None` when the JWT has already expired; zero means do
+/// The TTL for an active answer: `max-age`, the default, or (rfc7662 mode without `max-age`)
+/// `max`; never past the JWT's or the response's `exp`, nor past `max`. `None` when the JWT has already expired; zero means do
 /// not cache.
 pub fn cache_ttl(
     active: &ActiveToken,

@@ -316,7 +316,7 @@ impl HttpIntrospector {
         }
         let response = request.body(body).send().await.map_err(transport_error)?;
         let status = response.status().as_u16();
-        let cache = cache_directive(response.headers().get_all(CACHE_CONTROL).iter());
+        let cache = cache_control(response.headers().get_all(CACHE_CONTROL).iter());
         match (&self.answer, status) {
             (Answer::Curity(IntrospectionMode::Jwt), 204) => return Ok(Introspected::Inactive),
             (_, 200) => {}
@@ -324,9 +324,11 @@ impl HttpIntrospector {
         }
         let body = read_capped(response).await?;
         match &self.answer {
-            Answer::Curity(IntrospectionMode::Jwt) => parse_jwt_body(&body, cache),
-            Answer::Curity(_) => parse_json_body(&body, cache),
-            Answer::Mint(minter) => parse_rfc7662_body(&body, cache, minter, now_secs()),
+            Answer::Curity(IntrospectionMode::Jwt) => parse_jwt_body(&body, cache.directive()),
+            Answer::Curity(_) => parse_json_body(&body, cache.directive()),
+            Answer::Mint(minter) => {
+                parse_rfc7662_body(&body, cache.until_expiry(), minter, now_secs())
+            }
         }
     }
 }
@@ -438,13 +440,53 @@ fn form_encode_into(value: &str, out: &mut String) {
     }
 }
 
-/// Reads `Cache-Control` (all header lines together). Unknown directives are ignored.
+/// What the IdP's `Cache-Control` says, before a mode reads it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheControl {
+    /// `no-store`, `no-cache`, a malformed `max-age`, or a header that is not ASCII.
+    pub forbids: bool,
+    /// `s-maxage` (which wins for a shared cache like ours), else `max-age`, in seconds.
+    pub max_age: Option<u64>,
+}
+
+impl CacheControl {
+    /// The Curity modes: the header decides; `max-age=0` or `forbids` mean do not cache.
+    pub fn directive(self) -> CacheDirective {
+        match self.max_age {
+            _ if self.forbids => CacheDirective::DoNotCache,
+            Some(0) => CacheDirective::DoNotCache,
+            Some(seconds) => CacheDirective::MaxAge(Duration::from_secs(seconds)),
+            None => CacheDirective::Unspecified,
+        }
+    }
+
+    /// rfc7662 mode: the token's `exp` (and `--max-cache-ttl`) decide, and only a positive
+    /// `max-age` shortens that. `no-store`, `no-cache` and `max-age=0` are what standard servers
+    /// put on every introspection answer (oidc-provider: `no-store`; Spring Security's default:
+    /// `no-cache, no-store, max-age=0, must-revalidate`): generic HTTP, not a word about the
+    /// token.
+    pub fn until_expiry(self) -> CacheDirective {
+        match self.max_age {
+            Some(seconds) if seconds > 0 => CacheDirective::MaxAge(Duration::from_secs(seconds)),
+            _ => CacheDirective::UntilExpiry,
+        }
+    }
+}
+
+/// The Curity modes' reading of `Cache-Control` ([`CacheControl::directive`]).
 pub fn cache_directive<'a>(values: impl Iterator<Item = &'a HeaderValue>) -> CacheDirective {
+    cache_control(values).directive()
+}
+
+/// Reads `Cache-Control` (all header lines together). Unknown directives are ignored.
+pub fn cache_control<'a>(values: impl Iterator<Item = &'a HeaderValue>) -> CacheControl {
+    let mut forbids = false;
     let mut max_age = None;
     let mut s_maxage = None;
     for value in values {
         let Ok(value) = value.to_str() else {
-            return CacheDirective::DoNotCache;
+            forbids = true;
+            continue;
         };
         for directive in value.split(',') {
             let directive = directive.trim();
@@ -456,7 +498,8 @@ pub fn cache_directive<'a>(values: impl Iterator<Item = &'a HeaderValue>) -> Cac
                 None => (directive, None),
             };
             if name.eq_ignore_ascii_case("no-store") || name.eq_ignore_ascii_case("no-cache") {
-                return CacheDirective::DoNotCache;
+                forbids = true;
+                continue;
             }
             let slot = if name.eq_ignore_ascii_case("max-age") {
                 &mut max_age
@@ -468,14 +511,13 @@ pub fn cache_directive<'a>(values: impl Iterator<Item = &'a HeaderValue>) -> Cac
             match argument.and_then(|a| a.parse::<u64>().ok()) {
                 Some(seconds) => *slot = Some(seconds),
                 // RFC 9111 §4.2.1: an invalid max-age makes the response stale.
-                None => return CacheDirective::DoNotCache,
+                None => forbids = true,
             }
         }
     }
-    match s_maxage.or(max_age) {
-        Some(0) => CacheDirective::DoNotCache,
-        Some(seconds) => CacheDirective::MaxAge(Duration::from_secs(seconds)),
-        None => CacheDirective::Unspecified,
+    CacheControl {
+        forbids,
+        max_age: s_maxage.or(max_age),
     }
 }
 
@@ -552,8 +594,7 @@ pub fn parse_json_body(body: &[u8], cache: CacheDirective) -> Result<Introspecte
 }
 
 /// rfc7662 mode: plain RFC 7662 JSON; `active` decides and phantom-authz signs the JWT, whose
-/// claims are then read back like any other JWT's. Only a `max-age` shortens the TTL: the
-/// answer's `exp` bounds it, whatever `no-store` says.
+/// claims are then read back like any other JWT's; `cache` is [`CacheControl::until_expiry`].
 pub fn parse_rfc7662_body(
     body: &[u8],
     cache: CacheDirective,
@@ -576,10 +617,7 @@ pub fn parse_rfc7662_body(
         jwt,
         claims,
         response_exp: None,
-        cache: match cache {
-            CacheDirective::MaxAge(max_age) => CacheDirective::MaxAge(max_age),
-            _ => CacheDirective::UntilExpiry,
-        },
+        cache,
     }))
 }
 
@@ -603,12 +641,44 @@ mod tests {
     use crate::jwt::tests::jwt;
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
-    fn directive(values: &[&str]) -> CacheDirective {
+    fn header(values: &[&str]) -> CacheControl {
         let values: Vec<HeaderValue> = values
             .iter()
             .map(|v| HeaderValue::from_str(v).unwrap())
             .collect();
-        cache_directive(values.iter())
+        cache_control(values.iter())
+    }
+
+    fn directive(values: &[&str]) -> CacheDirective {
+        header(values).directive()
+    }
+
+    #[test]
+    fn rfc7662_mode_caches_until_expiry_unless_a_max_age_shortens_it() {
+        let until_expiry = |values: &[&str]| header(values).until_expiry();
+        for generic in [
+            &[][..],
+            &["no-store"],
+            &["no-cache, no-store, max-age=0, must-revalidate"],
+            &["max-age=soon"],
+        ] {
+            assert_eq!(
+                until_expiry(generic),
+                CacheDirective::UntilExpiry,
+                "{generic:?}"
+            );
+        }
+        for shortened in [
+            &["max-age=60"][..],
+            &["no-store, max-age=60"],
+            &["s-maxage=60, no-cache"],
+        ] {
+            assert_eq!(
+                until_expiry(shortened),
+                CacheDirective::MaxAge(Duration::from_secs(60)),
+                "{shortened:?}"
+            );
+        }
     }
 
     #[test]

@@ -22,7 +22,7 @@ pub enum Algorithm {
     /// Ed25519.
     #[value(name = "EdDSA")]
     EdDsa,
-    /// RSASSA-PKCS1-v1_5 with SHA-256 (2048-bit keys or longer).
+    /// RSASSA-PKCS1-v1_5 with SHA-256 (keys of 2048 to 4096 bits).
     #[value(name = "RS256")]
     Rs256,
 }
@@ -50,7 +50,7 @@ pub enum KeyError {
          `openssl pkcs8 -topk8 -nocrypt -in old.pem -out new.pem`"
     )]
     NotPkcs8(usize),
-    #[error("key {0} is not a P-256, Ed25519 or RSA (2048 to 8192 bits) private key")]
+    #[error("key {0} is not a P-256, Ed25519 or RSA (2048 to 4096 bits) private key")]
     Unsupported(usize),
     #[error("the first key is {found}, not {wanted} as --jwt-signing-alg asks")]
     WrongAlgorithm {

@@ -245,7 +245,6 @@ const OWN_CLAIMS: &[&str] = &[
     "aud",
     "exp",
     "iat",
-    "nbf",
     "jti",
     "client_id",
     "scope",

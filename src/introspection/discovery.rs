@@ -139,7 +139,10 @@ pub fn endpoint_from(body: &[u8], issuer: &str) -> Result<Url, &'static str> {
     if !matches!(endpoint.scheme(), "http" | "https") || downgraded {
         return Err("`introspection_endpoint` is not an https URL");
     }
-    if endpoint.host_str().is_none() || !endpoint.username().is_empty() {
+    if endpoint.host_str().is_none()
+        || !endpoint.username().is_empty()
+        || endpoint.password().is_some()
+    {
         return Err("`introspection_endpoint` has no host, or carries credentials");
     }
     Ok(endpoint)
@@ -193,6 +196,10 @@ mod tests {
             ),
             (
                 doc(issuer, "https://user:pw@idp.example/i"),
+                "`introspection_endpoint` has no host, or carries credentials",
+            ),
+            (
+                doc(issuer, "https://:pw@idp.example/i"),
                 "`introspection_endpoint` has no host, or carries credentials",
             ),
             (

@@ -9,8 +9,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use phantom_authz::metrics::INTROSPECTIONS;
 
 use crate::support::{
-    App, OidcOptions, OidcProvider, bearer_request, check, es256_key_file, eventually, evict,
-    free_port, verify_jwt,
+    App, OidcOptions, OidcProvider, bearer_request, check, eventually, evict, free_port, key_file,
+    verify_jwt,
 };
 
 const JWT_ISSUER: &str = "https://phantom-authz.test";
@@ -66,50 +66,57 @@ fn key_path(path: &Path) -> &str {
 async fn a_real_token_becomes_a_jwt_that_an_independent_library_verifies() {
     let provider = OidcProvider::start(OidcOptions::default());
     let dir = tempfile::tempdir().unwrap();
-    let key = es256_key_file(dir.path(), "signing.pem");
     let url = provider.introspection_url();
-    // client_secret_post this time; the other tests use client_secret_basic and private_key_jwt.
-    let mut flags = rfc7662_flags(&url, key_path(&key), "gw-post", "gw-post-secret");
-    flags.extend([
-        "--client-auth",
-        "client_secret_post",
-        "--jwt-forward-claims",
-        "token_type",
-    ]);
-    let app = App::launch(&flags).await;
-    let mut client = app.client().await;
+    for alg in ["ES256", "EdDSA", "RS256"] {
+        let key = key_file(dir.path(), &format!("{alg}.pem"), alg);
+        // client_secret_post here; the other tests use client_secret_basic and private_key_jwt.
+        let mut flags = rfc7662_flags(&url, key_path(&key), "gw-post", "gw-post-secret");
+        flags.extend([
+            "--client-auth",
+            "client_secret_post",
+            "--jwt-signing-alg",
+            alg,
+            "--jwt-forward-claims",
+            "token_type",
+            // Longer than the token's 600 s, so that the token's own end shows.
+            "--max-cache-ttl",
+            "15m",
+        ]);
+        let app = App::launch(&flags).await;
+        let mut client = app.client().await;
 
-    let token = provider.token().await;
-    let issued = unix_now();
-    let verdict = check(&mut client, bearer_request(&token)).await;
-    assert_eq!(verdict.http_status, 200, "{verdict:?}");
-    let jwt = verified(&app, verdict.header("authorization")).await;
-    let (header, claims) = (&jwt["header"], &jwt["payload"]);
-    assert_eq!(header["alg"], "ES256");
-    assert_eq!(header["typ"], "at+jwt");
-    assert!(header["kid"].as_str().is_some_and(|kid| kid.len() == 43));
-    assert_eq!(claims["iss"], JWT_ISSUER);
-    // A client-credentials token has no user: the client is the subject.
-    assert_eq!(claims["sub"], "app");
-    assert_eq!(claims["client_id"], "app");
-    assert_eq!(claims["scope"], "read write");
-    assert_eq!(claims["token_type"], "Bearer");
-    // oidc-provider's tokens live 600 s; the JWT ends when the token does, not later.
-    let exp = claims["exp"].as_u64().unwrap();
-    assert!(
-        (issued + 595..=issued + 601).contains(&exp),
-        "exp {exp} issued {issued}"
-    );
-    assert!(claims["jti"].as_str().is_some_and(|jti| !jti.is_empty()));
-    assert_eq!(app.metric(INTROSPECTIONS, &[]).await, 1.0);
+        let token = provider.token().await;
+        let issued = unix_now();
+        let verdict = check(&mut client, bearer_request(&token)).await;
+        assert_eq!(verdict.http_status, 200, "{alg}: {verdict:?}");
+        let jwt = verified(&app, verdict.header("authorization")).await;
+        let (header, claims) = (&jwt["header"], &jwt["payload"]);
+        assert_eq!(header["alg"], alg);
+        assert_eq!(header["typ"], "at+jwt");
+        assert!(header["kid"].as_str().is_some_and(|kid| kid.len() == 43));
+        assert_eq!(claims["iss"], JWT_ISSUER);
+        // A client-credentials token has no user: the client is the subject.
+        assert_eq!(claims["sub"], "app");
+        assert_eq!(claims["client_id"], "app");
+        assert_eq!(claims["scope"], "read write");
+        assert_eq!(claims["token_type"], "Bearer");
+        // oidc-provider's tokens live 600 s; the JWT ends when the token does, not later.
+        let exp = claims["exp"].as_u64().unwrap();
+        assert!(
+            (issued + 595..=issued + 601).contains(&exp),
+            "exp {exp} issued {issued}"
+        );
+        assert!(claims["jti"].as_str().is_some_and(|jti| !jti.is_empty()));
+        assert_eq!(app.metric(INTROSPECTIONS, &[]).await, 1.0);
 
-    // A second Check is a cache hit: the same JWT, no introspection.
-    let again = check(&mut client, bearer_request(&token)).await;
-    assert_eq!(
-        again.header("authorization"),
-        verdict.header("authorization")
-    );
-    assert_eq!(app.metric(INTROSPECTIONS, &[]).await, 1.0);
+        // A second Check is a cache hit: the same JWT, no introspection.
+        let again = check(&mut client, bearer_request(&token)).await;
+        assert_eq!(
+            again.header("authorization"),
+            verdict.header("authorization")
+        );
+        assert_eq!(app.metric(INTROSPECTIONS, &[]).await, 1.0);
+    }
 }
 
 #[tokio::test]
@@ -119,7 +126,7 @@ async fn the_tokens_exp_ends_its_cache_entry() {
         ..OidcOptions::default()
     });
     let dir = tempfile::tempdir().unwrap();
-    let key = es256_key_file(dir.path(), "signing.pem");
+    let key = key_file(dir.path(), "signing.pem", "ES256");
     let url = provider.introspection_url();
     let app = App::launch(&rfc7662_flags(
         &url,
@@ -156,7 +163,7 @@ async fn the_tokens_exp_ends_its_cache_entry() {
 async fn a_token_revoked_at_the_server_is_denied_once_evicted() {
     let provider = OidcProvider::start(OidcOptions::default());
     let dir = tempfile::tempdir().unwrap();
-    let key = es256_key_file(dir.path(), "signing.pem");
+    let key = key_file(dir.path(), "signing.pem", "ES256");
     let admin_token = dir.path().join("admin-token");
     std::fs::write(&admin_token, "admin-Secret-0123456789abcdef\n").unwrap();
     let url = provider.introspection_url();
@@ -198,8 +205,8 @@ async fn a_token_revoked_at_the_server_is_denied_once_evicted() {
 #[tokio::test]
 async fn the_endpoint_is_discovered_and_private_key_jwt_is_accepted() {
     let dir = tempfile::tempdir().unwrap();
-    let key = es256_key_file(dir.path(), "signing.pem");
-    let client_key = es256_key_file(dir.path(), "client.pem");
+    let key = key_file(dir.path(), "signing.pem", "ES256");
+    let client_key = key_file(dir.path(), "client.pem", "ES256");
     // The service starts first and looks for a server that is not there yet.
     let port = free_port();
     let issuer = format!("http://127.0.0.1:{port}");
@@ -262,7 +269,7 @@ async fn the_endpoint_is_discovered_and_private_key_jwt_is_accepted() {
 async fn an_unknown_token_is_invalid_and_a_stopped_server_is_unavailable() {
     let mut provider = OidcProvider::start(OidcOptions::default());
     let dir = tempfile::tempdir().unwrap();
-    let key = es256_key_file(dir.path(), "signing.pem");
+    let key = key_file(dir.path(), "signing.pem", "ES256");
     let url = provider.introspection_url();
     let app = App::launch(&rfc7662_flags(
         &url,

@@ -164,10 +164,12 @@ pub(crate) async fn verify_jwt(
     }
 }
 
-/// A new P-256 private key in a PEM PKCS#8 file, for signing JWTs or client assertions.
-pub(crate) fn es256_key_file(dir: &Path, name: &str) -> PathBuf {
-    let key = rcgen::KeyPair::generate().unwrap();
+/// A new private key for `alg` (`ES256`, `EdDSA` or `RS256`) in the PEM PKCS#8 file `name` in
+/// `dir`, made by Node's crypto, for signing JWTs or client assertions.
+pub(crate) fn key_file(dir: &Path, name: &str, alg: &str) -> PathBuf {
+    let output = node().args(["keygen.mjs", alg]).output().unwrap();
+    assert!(output.status.success(), "keygen {alg}: {output:?}");
     let path = dir.join(name);
-    std::fs::write(&path, key.serialize_pem()).unwrap();
+    std::fs::write(&path, output.stdout).unwrap();
     path
 }
