@@ -193,7 +193,12 @@ async fn the_jwt_exp_caps_the_ttl() {
     let redis = Redis::start();
     // max-age says 300 s, but the JWT expires in 2 s.
     let idp = idp_with(Some("max-age=300"), 2).await;
-    let service = App::start(&idp.url(), "jwt", &["--redis-url", &redis.url()]).await;
+    let service = App::start(
+        &idp.url(),
+        "jwt",
+        &["--redis-url", &redis.url(), "--check-timeout", "10s"],
+    )
+    .await;
     allowed(&service, "short-lived").await;
     let mut conn = redis.connection().await;
     let mut ttl_ms = -2i64;
