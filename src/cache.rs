@@ -2,6 +2,7 @@
 //! replicas behind the [`SharedCache`] trait, and [`evictions`], how replicas tell each other to
 //! drop an entry. Allows are cached in both tiers, inactive tokens briefly in process only.
 
+pub mod connection;
 pub mod evictions;
 pub mod local;
 pub mod redis;
