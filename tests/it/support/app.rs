@@ -18,6 +18,8 @@ pub(crate) struct App {
     pub(crate) admin: SocketAddr,
     /// The HTTP forward-auth listener, when started with `--http-listen`.
     pub(crate) http: Option<SocketAddr>,
+    /// The admin gRPC listener, when started with `--admin-grpc-listen`.
+    pub(crate) admin_grpc: Option<SocketAddr>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -82,6 +84,7 @@ impl App {
             grpc: bound.grpc,
             admin: bound.admin,
             http: bound.http,
+            admin_grpc: bound.admin_grpc,
             stop: Some(stop),
         };
         if extra.contains(&"--redis-url") {
