@@ -224,6 +224,34 @@ async fn a_cluster_master_killed_costs_introspections_until_its_replica_takes_ov
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_absent_at_start_is_used_once_it_forms() {
+    let ports = [(); 6].map(|()| free_port());
+    let urls: Vec<String> = ports
+        .iter()
+        .map(|port| format!("redis://127.0.0.1:{port}"))
+        .collect();
+    let urls = urls.join(",");
+    let (idp, _) = idp().await;
+    let admin = admin_token_file();
+    let mode = ["--redis-mode", "cluster"];
+    let a = replica(&idp, &mode, &urls, &admin).await;
+    let b = replica(&idp, &mode, &urls, &admin).await;
+    // No node listens: Checks are answered by introspection.
+    assert_eq!(status(&a, "before-the-cluster").await, 200);
+    assert_eq!(status(&b, "before-the-cluster").await, 200);
+
+    let cluster = Cluster::start_on(ports);
+    let mut tokens = (0..).map(|n| format!("formed-token-{n}"));
+    until_shared(&idp, &a, &b, &mut tokens, |key| {
+        cluster
+            .nodes
+            .iter()
+            .any(|node| redis_cli(node.port, &["EXISTS", key]).trim() == "1")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn behind_sentinel_replicas_share_and_follow_a_failover() {
     let mut set = Sentinels::start();
     let (idp, revoked) = idp().await;

@@ -138,12 +138,16 @@ pub(crate) struct Cluster {
 
 impl Cluster {
     pub(crate) fn start() -> Cluster {
+        Self::start_on([(); 6].map(|()| free_port()))
+    }
+
+    pub(crate) fn start_on(ports: [u16; 6]) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let nodes: Vec<Redis> = (0..6)
             .map(|n| {
                 let config = dir.path().join(format!("nodes-{n}.conf"));
                 Redis::start_with(
-                    free_port(),
+                    ports[n],
                     &[
                         "--cluster-enabled",
                         "yes",
