@@ -354,6 +354,8 @@ impl KindName for redis::RedisError {
     }
 }
 
+/// Runs `command` within `timeout`, unless Redis is being skipped; records the outcome in the
+/// metrics and `healthy`, and tells `connection` of a failure.
 async fn timed<T>(
     op: &'static str,
     timeout: Duration,
@@ -435,6 +437,8 @@ impl SharedCache for RedisCache {
         let slot = Slot::derive(self.secrets.0[0].expose().as_bytes(), token);
         let value = slot.seal(entry);
         let mut connection = self.connection.clone();
+        // Told of failures while `connection` is borrowed by a command.
+        let failures = self.connection.clone();
         let timeout = self.timeout;
         let healthy = self.healthy.clone();
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
@@ -451,7 +455,7 @@ impl SharedCache for RedisCache {
                 "set",
                 timeout,
                 &healthy,
-                &connection.clone(),
+                &failures,
                 set.query_async::<Option<String>>(&mut connection),
             )
             .await
@@ -466,6 +470,8 @@ impl SharedCache for RedisCache {
     ) -> BoxFuture<'static, Result<Eviction, CacheError>> {
         let slots = self.secrets.slots(token);
         let mut connection = self.connection.clone();
+        // Told of failures while `connection` is borrowed by a command.
+        let failures = self.connection.clone();
         let timeout = self.timeout;
         let healthy = self.healthy.clone();
         let tombstone_ms = u64::try_from(self.tombstone_ttl.as_millis()).unwrap_or(u64::MAX);
@@ -487,7 +493,7 @@ impl SharedCache for RedisCache {
                     "evict",
                     timeout,
                     &healthy,
-                    &connection.clone(),
+                    &failures,
                     tombstone.query_async(&mut connection),
                 )
                 .await?;
@@ -497,7 +503,7 @@ impl SharedCache for RedisCache {
                 "evict",
                 timeout,
                 &healthy,
-                &connection.clone(),
+                &failures,
                 connection.publish_counted(evictions::EVICTION_CHANNEL, &notice),
             )
             .await?;
