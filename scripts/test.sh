@@ -28,6 +28,12 @@ if ! command -v redis-server >/dev/null 2>&1; then
     apt_install redis-server
     # The package may start a system instance; the tests start their own on free ports.
 fi
+# The Redis Cluster and Sentinel tests drive redis-cli (Debian's redis-tools); Sentinels are
+# `redis-server --sentinel`.
+if ! command -v redis-cli >/dev/null 2>&1; then
+    echo "==> installing redis-tools"
+    apt_install redis-tools
+fi
 # The forward-auth tests run real gateways, each on free loopback ports with its own config.
 for gateway in nginx caddy; do
     if ! command -v "$gateway" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$gateway" ]; then

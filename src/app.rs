@@ -193,7 +193,14 @@ impl App {
                     .saturating_add(redis.timeout.saturating_mul(2))
                     .saturating_add(Duration::from_secs(5))
                     .min(Duration::from_secs(24 * 3600));
-                let cache = RedisCache::new(&redis.url, ca, secrets, redis.timeout, tombstone_ttl)?;
+                let cache = RedisCache::new(
+                    &redis.urls,
+                    &redis.topology,
+                    ca,
+                    secrets,
+                    redis.timeout,
+                    tombstone_ttl,
+                )?;
                 Some(Arc::new(cache))
             }
             None => None,

@@ -1,7 +1,9 @@
 //! The cache tiers holding token→JWT entries: [`local`] in process, [`redis`] shared between
-//! replicas behind the [`SharedCache`] trait, and [`evictions`], how replicas tell each other to
-//! drop an entry. Allows are cached in both tiers, inactive tokens briefly in process only.
+//! replicas behind the [`SharedCache`] trait (over one server, a Redis Cluster or Sentinel:
+//! [`connection`]), and [`evictions`], how replicas tell each other to drop an entry. Allows
+//! are cached in both tiers, inactive tokens briefly in process only.
 
+pub mod connection;
 pub mod evictions;
 pub mod local;
 pub mod redis;

@@ -7,7 +7,7 @@ pub mod load;
 mod validate;
 
 pub use args::{
-    Args, ClientAuthMethod, IntrospectionMode, LogFormat, OriginalRequest, parse_bytes,
+    Args, ClientAuthMethod, IntrospectionMode, LogFormat, OriginalRequest, RedisMode, parse_bytes,
     parse_duration,
 };
 
@@ -179,17 +179,33 @@ pub struct AdminGrpcConfig {
 
 /// The shared cache.
 pub struct RedisConfig {
-    pub url: Secret,
+    /// The server; in cluster mode the seed nodes, in sentinel mode the Sentinels. One scheme
+    /// throughout.
+    pub urls: Vec<Secret>,
+    pub topology: RedisTopology,
     pub ca_file: Option<PathBuf>,
     /// `--cache-secret-file`, read at start-up.
     pub secret_file: PathBuf,
     pub timeout: Duration,
 }
 
+/// How Redis is deployed, with what each kind needs besides the URLs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RedisTopology {
+    Standalone,
+    Cluster,
+    /// Sentinels watching the master named `master`.
+    Sentinel {
+        master: String,
+    },
+}
+
 impl fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let urls: Vec<String> = self.urls.iter().map(|u| masked_url(u.expose())).collect();
         f.debug_struct("RedisConfig")
-            .field("url", &masked_url(self.url.expose()))
+            .field("urls", &urls)
+            .field("topology", &self.topology)
             .field("ca_file", &self.ca_file)
             .field("secret_file", &self.secret_file)
             .field("timeout", &self.timeout)
@@ -208,6 +224,32 @@ pub(crate) fn masked_url(url: &str) -> String {
         Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
         None => url.to_string(),
     }
+}
+
+/// The URLs of a comma-separated `--redis-url` list. A comma ends a URL only where the next
+/// one begins (`redis://` or `rediss://`, blanks allowed before it), so that a password
+/// holding a comma is never split, nor left unmasked by [`masked_urls`].
+pub(crate) fn split_urls(list: &str) -> Vec<&str> {
+    let mut urls = Vec::new();
+    let mut start = 0;
+    for (comma, _) in list.match_indices(',') {
+        let next = list[comma + 1..].trim_start();
+        if comma >= start && (next.starts_with("redis://") || next.starts_with("rediss://")) {
+            urls.push(list[start..comma].trim());
+            start = list.len() - next.len();
+        }
+    }
+    urls.push(list[start..].trim());
+    urls
+}
+
+/// A `--redis-url` list with each URL's userinfo masked, as [`masked_url`] does for one.
+pub(crate) fn masked_urls(list: &str) -> String {
+    split_urls(list)
+        .into_iter()
+        .map(masked_url)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// A proxy's URL, which may carry credentials: its `Debug` masks them.
@@ -877,6 +919,122 @@ mod tests {
             for fragment in ["pa#ss", "wo?rd", "p/w", "p?w", "#x", "b/c"] {
                 assert!(!masked.contains(fragment), "{url}: {masked}");
             }
+        }
+    }
+
+    #[test]
+    fn redis_topologies_take_their_urls() {
+        let with = |flags: &[&str]| {
+            args(&[&["--cache-secret-file", "/run/cache-secret"][..], flags].concat())
+                .map(|config| config.redis.unwrap())
+        };
+        let exposed = |redis: &RedisConfig| -> Vec<String> {
+            redis.urls.iter().map(|u| u.expose().to_owned()).collect()
+        };
+        let redis = with(&["--redis-url", "redis://cache:6379"]).unwrap();
+        assert_eq!(redis.topology, RedisTopology::Standalone);
+        assert_eq!(exposed(&redis), ["redis://cache:6379"]);
+
+        let cluster = with(&[
+            "--redis-mode",
+            "cluster",
+            "--redis-url",
+            "redis://:p,w@a:7000, redis://:p,w@b:7001,redis://:p,w@c:7002",
+        ])
+        .unwrap();
+        assert_eq!(cluster.topology, RedisTopology::Cluster);
+        assert_eq!(
+            exposed(&cluster),
+            [
+                "redis://:p,w@a:7000",
+                "redis://:p,w@b:7001",
+                "redis://:p,w@c:7002"
+            ]
+        );
+        let printed = format!("{cluster:?}");
+        assert!(!printed.contains("p,w"), "{printed}");
+        assert!(printed.contains("redis://***@b:7001"), "{printed}");
+        assert_eq!(
+            masked_urls("redis://:p,w@a:7000, redis://u:x@b:7001"),
+            "redis://***@a:7000,redis://***@b:7001"
+        );
+
+        let sentinel = with(&[
+            "--redis-mode",
+            "sentinel",
+            "--redis-sentinel-master",
+            "cache",
+            "--redis-url",
+            "rediss://s1:26379,rediss://s2:26379",
+        ])
+        .unwrap();
+        assert_eq!(
+            sentinel.topology,
+            RedisTopology::Sentinel {
+                master: "cache".into()
+            }
+        );
+        assert_eq!(sentinel.urls.len(), 2);
+
+        for (flags, flag, says) in [
+            (
+                &["--redis-url", "redis://a:1,redis://b:2"][..],
+                "--redis-url",
+                "standalone takes one server",
+            ),
+            (
+                &[
+                    "--redis-mode",
+                    "cluster",
+                    "--redis-url",
+                    "redis://a:1,rediss://b:2",
+                ],
+                "--redis-url",
+                "mixes",
+            ),
+            (
+                &[
+                    "--redis-mode",
+                    "cluster",
+                    "--redis-url",
+                    "redis://:pw@a:1,redis://:pw@b:x",
+                ],
+                "--redis-url",
+                "URL 2 of the list is not a valid",
+            ),
+            (
+                &[
+                    "--redis-mode",
+                    "cluster",
+                    "--redis-url",
+                    "redis://:pw@a:1,b:2",
+                ],
+                "--redis-url",
+                "not a valid",
+            ),
+            (
+                &["--redis-mode", "sentinel", "--redis-url", "redis://s:26379"],
+                "--redis-sentinel-master",
+                "is required",
+            ),
+            (
+                &[
+                    "--redis-mode",
+                    "cluster",
+                    "--redis-sentinel-master",
+                    "m",
+                    "--redis-url",
+                    "redis://a:1",
+                ],
+                "--redis-sentinel-master",
+                "needs --redis-mode sentinel",
+            ),
+            (&["--redis-mode", "cluster"], "--redis-mode", "no use"),
+        ] {
+            let err = with(flags).unwrap_err();
+            assert_eq!(err.flag, flag, "{flags:?}: {err}");
+            assert!(err.to_string().contains(says), "{flags:?}: {err}");
+            assert!(!err.to_string().contains("pw"), "{err}");
         }
     }
 }

@@ -147,17 +147,19 @@ pub async fn subscribe(
     listening: Arc<AtomicBool>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let client = redis.client();
     let mut shutdown = std::pin::pin!(shutdown);
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    // Replicas of a cluster start on different nodes, and move on to the next when one fails.
+    let mut attempt = random_u32() as usize;
     loop {
         tokio::select! {
             () = &mut shutdown => return,
-            reason = listen(&client, &redis, &*forget, &listening, &mut backoff) => {
+            reason = listen(attempt, &redis, &*forget, &listening, &mut backoff) => {
                 listening.store(false, Ordering::Relaxed);
                 tracing::warn!(%reason, "eviction subscription lost; resubscribing");
             }
         }
+        attempt = attempt.wrapping_add(1);
         let delay = backoff.next_delay(random_u32());
         tokio::select! {
             () = &mut shutdown => return,
@@ -166,15 +168,17 @@ pub async fn subscribe(
     }
 }
 
-/// One subscription, from connecting until it breaks; returns why it broke.
+/// One subscription, from connecting until it breaks; returns why it broke. `attempt` picks the
+/// node in a cluster.
 async fn listen(
-    client: &redis::Client,
+    attempt: usize,
     redis: &Arc<RedisCache>,
     forget: &dyn Forget,
     listening: &AtomicBool,
     backoff: &mut Backoff,
 ) -> String {
     let connect = async {
+        let client = redis.connection().pubsub_client(attempt).await?;
         let mut pubsub = client.get_async_pubsub().await?;
         pubsub
             .subscribe(&[EVICTION_CHANNEL, CONFIRM_CHANNEL])

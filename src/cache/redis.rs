@@ -22,13 +22,14 @@ use std::time::{Duration, Instant};
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use hkdf::Hkdf;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, Client, IntoConnectionInfo};
+use redis::AsyncCommands;
 use sha2::Sha256;
 
+use super::connection::Connection;
+pub use super::connection::SetupError;
 use super::evictions::{self, Confirmations};
 use super::{Authorization, CacheError, CachedJwt, Eviction, Grant, SharedCache, now_ms};
-use crate::config::Secret;
+use crate::config::{RedisTopology, Secret};
 use crate::jwt::Claims;
 use crate::metrics;
 use crate::token::{CacheKey, Token};
@@ -98,16 +99,6 @@ pub enum SecretFileError {
     TooShort { line: usize, len: usize },
     #[error("holds no secret")]
     Empty,
-}
-
-/// Why the Redis tier could not be set up; names the flag, never the URL (it may hold a
-/// password).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SetupError {
-    #[error("--redis-url: not a valid redis:// or rediss:// URL")]
-    InvalidUrl,
-    #[error("--redis-url: cannot build a Redis client ({0:?})")]
-    Client(redis::ErrorKind),
 }
 
 /// Where one token's entry lives under one secret, and the AEAD that seals it.
@@ -223,9 +214,7 @@ const HEX: &[u8; 16] = b"0123456789abcdef";
 
 /// The Redis tier.
 pub struct RedisCache {
-    connection: ConnectionManager,
-    /// The client the connection came from, for the eviction subscriber's own connection.
-    client: Client,
+    connection: Connection,
     secrets: CacheSecrets,
     timeout: Duration,
     /// How long a tombstone outlives the eviction: past the longest lookup that could predate it.
@@ -303,43 +292,20 @@ impl RedisHealth {
 }
 
 impl RedisCache {
-    /// Prepares a lazily connected, self-reconnecting client: Redis may be down at start-up.
-    /// `ca_pem`: CAs for a rediss:// server's certificate instead of the system roots.
-    /// `tombstone_ttl` must exceed the longest lookup (Redis, introspection, write).
+    /// Prepares a lazily connected, self-reconnecting client for `urls` in `topology`: Redis
+    /// may be down at start-up. `ca_pem`: CAs for rediss:// servers' certificates instead of
+    /// the system roots. `tombstone_ttl` must exceed the longest lookup (Redis, introspection,
+    /// write).
     pub fn new(
-        url: &Secret,
+        urls: &[Secret],
+        topology: &RedisTopology,
         ca_pem: Option<Vec<u8>>,
         secrets: CacheSecrets,
         timeout: Duration,
         tombstone_ttl: Duration,
     ) -> Result<Self, SetupError> {
-        let info = url
-            .expose()
-            .into_connection_info()
-            .map_err(|_| SetupError::InvalidUrl)?;
-        let info = info.set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
-        let client = match ca_pem {
-            Some(pem) => Client::build_with_tls(
-                info,
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(pem),
-                },
-            ),
-            None => Client::open(info),
-        }
-        .map_err(|e| SetupError::Client(e.kind()))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout.max(Duration::from_millis(250))))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_secs(1));
-        let connection = ConnectionManager::new_lazy_with_config(client.clone(), config)
-            .map_err(|e| SetupError::Client(e.kind()))?;
         Ok(Self {
-            connection,
-            client,
+            connection: Connection::new(urls, topology, ca_pem, timeout)?,
             secrets,
             timeout,
             tombstone_ttl,
@@ -353,9 +319,9 @@ impl RedisCache {
         self.healthy.clone()
     }
 
-    /// A client for the same server, with the same settings: pub/sub needs its own connection.
-    pub fn client(&self) -> Client {
-        self.client.clone()
+    /// The connection, for the eviction subscriber to find where to subscribe.
+    pub fn connection(&self) -> &Connection {
+        &self.connection
     }
 
     /// Tells the evicting replica that this one dropped its copy (`id` as it came, in hex).
@@ -365,6 +331,7 @@ impl RedisCache {
             "confirm",
             self.timeout,
             &self.healthy,
+            &self.connection,
             connection.publish::<_, _, ()>(evictions::CONFIRM_CHANNEL, id),
         )
         .await
@@ -387,10 +354,13 @@ impl KindName for redis::RedisError {
     }
 }
 
+/// Runs `command` within `timeout`, unless Redis is being skipped; records the outcome in the
+/// metrics and `healthy`, and tells `connection` of a failure.
 async fn timed<T>(
     op: &'static str,
     timeout: Duration,
     healthy: &RedisHealth,
+    connection: &Connection,
     command: impl Future<Output = redis::RedisResult<T>>,
 ) -> Result<T, CacheError> {
     if !healthy.admit() {
@@ -404,6 +374,9 @@ async fn timed<T>(
         Err(_) => Err(CacheError::Timeout),
     };
     metrics::redis_command(op, started.elapsed(), result.is_ok());
+    if result.is_err() {
+        connection.failed();
+    }
     healthy.record(result.as_ref().err());
     result
 }
@@ -418,13 +391,21 @@ impl SharedCache for RedisCache {
                     "get",
                     self.timeout,
                     &self.healthy,
+                    &self.connection,
                     connection.get(slot.name()),
                 )
                 .await?;
                 vec![value]
             } else {
                 let names: Vec<&str> = slots.iter().map(Slot::name).collect();
-                timed("get", self.timeout, &self.healthy, connection.mget(&names)).await?
+                timed(
+                    "get",
+                    self.timeout,
+                    &self.healthy,
+                    &self.connection,
+                    connection.mget(&names),
+                )
+                .await?
             };
             let now_ms = now_ms();
             let mut corrupt = false;
@@ -456,6 +437,8 @@ impl SharedCache for RedisCache {
         let slot = Slot::derive(self.secrets.0[0].expose().as_bytes(), token);
         let value = slot.seal(entry);
         let mut connection = self.connection.clone();
+        // Told of failures while `connection` is borrowed by a command.
+        let failures = self.connection.clone();
         let timeout = self.timeout;
         let healthy = self.healthy.clone();
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
@@ -472,6 +455,7 @@ impl SharedCache for RedisCache {
                 "set",
                 timeout,
                 &healthy,
+                &failures,
                 set.query_async::<Option<String>>(&mut connection),
             )
             .await
@@ -486,38 +470,41 @@ impl SharedCache for RedisCache {
     ) -> BoxFuture<'static, Result<Eviction, CacheError>> {
         let slots = self.secrets.slots(token);
         let mut connection = self.connection.clone();
+        // Told of failures while `connection` is borrowed by a command.
+        let failures = self.connection.clone();
         let timeout = self.timeout;
         let healthy = self.healthy.clone();
         let tombstone_ms = u64::try_from(self.tombstone_ttl.as_millis()).unwrap_or(u64::MAX);
         let awaited = self.confirmations.expect();
         let notice = evictions::notice(key, awaited.id);
         Box::pin(async move {
-            // Tombstones first: a replica told of the eviction must find them in place.
-            let mut tombstones = redis::pipe();
+            // Tombstones first: a replica told of the eviction must find them in place. One
+            // command per key: in a cluster, each secret's key has a slot of its own.
+            let mut deleted = false;
             for slot in &slots {
-                tombstones
-                    .cmd("SET")
+                let mut tombstone = redis::cmd("SET");
+                tombstone
                     .arg(slot.name())
                     .arg(TOMBSTONE)
                     .arg("PX")
                     .arg(tombstone_ms)
                     .arg("GET");
+                let previous: Option<Vec<u8>> = timed(
+                    "evict",
+                    timeout,
+                    &healthy,
+                    &failures,
+                    tombstone.query_async(&mut connection),
+                )
+                .await?;
+                deleted |= previous.is_some_and(|value| value != TOMBSTONE);
             }
-            let previous: Vec<Option<Vec<u8>>> = timed(
+            let notified = timed(
                 "evict",
                 timeout,
                 &healthy,
-                tombstones.query_async(&mut connection),
-            )
-            .await?;
-            let deleted = previous
-                .iter()
-                .any(|value| value.as_deref().is_some_and(|v| v != TOMBSTONE));
-            let notified: u64 = timed(
-                "evict",
-                timeout,
-                &healthy,
-                connection.publish(evictions::EVICTION_CHANNEL, notice),
+                &failures,
+                connection.publish_counted(evictions::EVICTION_CHANNEL, &notice),
             )
             .await?;
             let confirmed = awaited.confirmed_by(notified).await;

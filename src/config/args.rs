@@ -214,9 +214,25 @@ pub struct Args {
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub circuit_open_duration: Duration,
 
-    /// Shared cache (redis:// or rediss://). Without it the in-process cache serves alone.
+    /// Shared cache (redis:// or rediss://). Without it the in-process cache serves alone. With
+    /// --redis-mode cluster or sentinel, a comma-separated list of nodes, all of one scheme
+    /// (`redis://:pw@10.0.0.1:6379,redis://:pw@10.0.0.2:6379`).
     #[arg(long)]
     pub redis_url: Option<String>,
+
+    /// How Redis is deployed. `standalone`: --redis-url is the one server (or a managed
+    /// endpoint that is not in cluster mode). `cluster`: Redis Cluster; --redis-url lists seed
+    /// nodes (name several), the rest are discovered, and slot moves and failovers are followed.
+    /// `sentinel`: --redis-url lists the Sentinels and --redis-sentinel-master names the master
+    /// they watch, which is found again after a failover; the URLs' credentials, database and
+    /// TLS serve both the Sentinels and the master.
+    #[arg(long, value_enum, default_value = "standalone")]
+    pub redis_mode: RedisMode,
+
+    /// With --redis-mode sentinel: the name the Sentinels monitor the master under (`sentinel
+    /// monitor <name> …` in their configuration).
+    #[arg(long)]
+    pub redis_sentinel_master: Option<String>,
 
     /// File of the secrets that Redis entries are bound to: one per line, 32 bytes or more
     /// each (`head -c 32 /dev/urandom | base64`). Required with --redis-url. The first names
@@ -313,6 +329,17 @@ pub enum OriginalRequest {
     XOriginal,
     /// The forward-auth request's own method, path (after the prefix) and Host.
     Path,
+}
+
+/// How Redis is deployed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RedisMode {
+    /// One server.
+    Standalone,
+    /// Redis Cluster, through seed nodes.
+    Cluster,
+    /// A master and its replicas watched by Sentinels.
+    Sentinel,
 }
 
 /// How the identity server is asked for the JWT.

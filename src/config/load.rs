@@ -78,7 +78,8 @@ pub fn settings(
         };
         let shown = match long {
             "client-secret" => "***".to_owned(),
-            "redis-url" | "idp-proxy" => super::masked_url(&value),
+            "redis-url" => super::masked_urls(&value),
+            "idp-proxy" => super::masked_url(&value),
             _ => value.into_owned(),
         };
         settings.push((long.to_owned(), shown));

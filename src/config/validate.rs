@@ -326,23 +326,65 @@ fn mint(args: &Args) -> Result<Option<MintConfig>, ConfigError> {
 }
 
 fn redis(args: &Args) -> Result<Option<RedisConfig>, ConfigError> {
-    let Some(url) = &args.redis_url else {
+    let Some(list) = &args.redis_url else {
+        if args.redis_mode != RedisMode::Standalone {
+            return Err(invalid("--redis-mode", "has no use without --redis-url"));
+        }
         if args.cache_secret_file.is_some() {
             return Err(invalid(
                 "--cache-secret-file",
                 "has no use without --redis-url",
             ));
         }
+        if args.redis_sentinel_master.is_some() {
+            return Err(invalid(
+                "--redis-sentinel-master",
+                "has no use without --redis-url",
+            ));
+        }
         return Ok(None);
     };
-    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-        return Err(invalid(
-            "--redis-url",
-            "must start with redis:// or rediss://",
-        ));
-    }
+    let urls = redis_urls(list)?;
+    let topology = match (args.redis_mode, &args.redis_sentinel_master) {
+        (RedisMode::Standalone, _) if urls.len() > 1 => {
+            return Err(invalid(
+                "--redis-url",
+                format!(
+                    "lists {} URLs, but --redis-mode standalone takes one server (a list is \
+                     for --redis-mode cluster or sentinel)",
+                    urls.len()
+                ),
+            ));
+        }
+        (RedisMode::Standalone | RedisMode::Cluster, Some(_)) => {
+            return Err(invalid(
+                "--redis-sentinel-master",
+                "needs --redis-mode sentinel",
+            ));
+        }
+        (RedisMode::Standalone, None) => RedisTopology::Standalone,
+        (RedisMode::Cluster, None) => RedisTopology::Cluster,
+        (RedisMode::Sentinel, None) => {
+            return Err(invalid(
+                "--redis-sentinel-master",
+                "is required with --redis-mode sentinel: the name the Sentinels monitor the \
+                 master under",
+            ));
+        }
+        (RedisMode::Sentinel, Some(master)) => {
+            if master.is_empty() || !master.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(invalid(
+                    "--redis-sentinel-master",
+                    "must be a name of printable ASCII without spaces",
+                ));
+            }
+            RedisTopology::Sentinel {
+                master: master.clone(),
+            }
+        }
+    };
     above_zero("--redis-timeout", args.redis_timeout)?;
-    if args.redis_ca_file.is_some() && !url.starts_with("rediss://") {
+    if args.redis_ca_file.is_some() && !list.trim_start().starts_with("rediss://") {
         return Err(invalid("--redis-ca-file", "needs a rediss:// --redis-url"));
     }
     let secret_file = args.cache_secret_file.clone().ok_or_else(|| {
@@ -354,11 +396,57 @@ fn redis(args: &Args) -> Result<Option<RedisConfig>, ConfigError> {
         )
     })?;
     Ok(Some(RedisConfig {
-        url: Secret::new(url.as_str()),
+        urls,
+        topology,
         ca_file: args.redis_ca_file.clone(),
         secret_file,
         timeout: args.redis_timeout,
     }))
+}
+
+/// The URLs of `--redis-url`: each a redis:// or rediss:// URL that parses, all of one scheme.
+/// Errors say which URL, by its place in the list, never what it holds.
+fn redis_urls(list: &str) -> Result<Vec<Secret>, ConfigError> {
+    let urls = split_urls(list);
+    let several = urls.len() > 1;
+    let which = |n: usize| {
+        if several {
+            format!("URL {} of the list", n + 1)
+        } else {
+            "the URL".to_owned()
+        }
+    };
+    let scheme = |url: &str| url.split_once("://").map(|(scheme, _)| scheme.to_owned());
+    let first = scheme(urls[0]);
+    for (n, url) in urls.iter().enumerate() {
+        if url.is_empty() {
+            return Err(invalid("--redis-url", format!("{} is empty", which(n))));
+        }
+        let scheme = scheme(url);
+        if !matches!(scheme.as_deref(), Some("redis" | "rediss")) {
+            return Err(invalid(
+                "--redis-url",
+                format!("{} must start with redis:// or rediss://", which(n)),
+            ));
+        }
+        if scheme != first {
+            return Err(invalid(
+                "--redis-url",
+                "mixes redis:// and rediss://: every node must be reached the same way",
+            ));
+        }
+        if redis::IntoConnectionInfo::into_connection_info(*url).is_err() {
+            return Err(invalid(
+                "--redis-url",
+                format!(
+                    "{} is not a valid redis:// or rediss:// URL (a list separates URLs with \
+                     commas, each starting with redis:// or rediss://)",
+                    which(n)
+                ),
+            ));
+        }
+    }
+    Ok(urls.into_iter().map(Secret::new).collect())
 }
 
 fn http(args: &Args) -> Result<Option<HttpConfig>, ConfigError> {

@@ -15,4 +15,5 @@ mod revocation;
 mod routes;
 mod support;
 mod tls;
+mod topologies;
 mod tracing;

@@ -559,6 +559,26 @@ fn check_config_validates_and_prints_with_secrets_masked() {
         "{stdout}"
     );
 
+    // A cluster's seed nodes from the environment: every URL of the list masked.
+    let output = Command::new(env!("CARGO_BIN_EXE_phantom-authz"))
+        .args(["check-config", "--config", config.to_str().unwrap()])
+        .env_clear()
+        .env("PHANTOM_AUTHZ_REDIS_MODE", "cluster")
+        .env(
+            "PHANTOM_AUTHZ_REDIS_URL",
+            "redis://:pass,word@node-a:7000,redis://:pass,word@node-b:7001",
+        )
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(stdout.contains("cluster"), "{stdout}");
+    assert!(
+        stdout.contains("redis://***@node-a:7000,redis://***@node-b:7001"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("pass"), "{stdout}");
+
     // A cache secret too short to be one fails the check, naming the flag and not the secret.
     std::fs::write(&cache_secret, "short-cache-secret\n").unwrap();
     let (code, stderr) = run_binary(&["check-config", "--config", config.to_str().unwrap()], &[]);
