@@ -93,8 +93,8 @@ HALF=$(calc "$BASE_SAT / 2" 0)
 # --- latency at half the baseline's saturation (loadgen: fixed rate) ---------------------------
 LOAD_BEFORE=$(loadavg)
 log "p99 at $HALF req/s (half the no-op's h2load saturation), loadgen"
-base_half() { local cpu; cpu=$(loadgen base_half "$NOOP" --tokens same --rate "$HALF"); echo "$(get base_half p99_ms) $cpu"; }
-local_half() { local cpu; cpu=$(loadgen local_half "$PA_GRPC" --tokens same --rate "$HALF"); echo "$(get local_half p99_ms) $cpu"; }
+base_half() { local cpu; cpu=$(loadgen base_half "$NOOP" --tokens same --rate "$HALF"); echo "$(calc "$(get base_half p99_ms)" 3) $cpu"; }
+local_half() { local cpu; cpu=$(loadgen local_half "$PA_GRPC" --tokens same --rate "$HALF"); echo "$(calc "$(get local_half p99_ms)" 3) $cpu"; }
 alternate base_half local_half
 H_BASE=("${BASE_V[@]}"); H_PA=("${SUBJ_V[@]}"); H_CPU=("${BASE_CPU[@]}" "${SUBJ_CPU[@]}")
 H_DELTAS=(); for i in "${!H_BASE[@]}"; do H_DELTAS+=("$(calc "${H_PA[$i]} - ${H_BASE[$i]}" 3)"); done
@@ -117,7 +117,7 @@ idp_alone() {
 miss_one() {
     local cpu
     cpu=$(loadgen miss_one "$PA_GRPC" --tokens unique --connections 1 --concurrency 1)
-    echo "$(get miss_one p50_ms) $cpu"
+    echo "$(calc "$(get miss_one p50_ms)" 3) $cpu"
 }
 alternate idp_alone miss_one
 M_IDP=("${BASE_V[@]}"); M_PA=("${SUBJ_V[@]}")
@@ -135,7 +135,7 @@ stop "$PA_PID"
 LOAD_BEFORE=$(loadavg)
 log "Redis hit (--local-cache-ttl 0, 1024 tokens, loadgen) vs. no-op (h2load)"
 start_phantom --redis-url "$REDIS" --cache-secret-file "$WORK/cache-secret" --local-cache-ttl 0
-redis_hit() { local cpu; cpu=$(loadgen redis_hit "$PA_GRPC" --tokens same --pool 1024); echo "$(get redis_hit rps) $cpu"; }
+redis_hit() { local cpu; cpu=$(loadgen redis_hit "$PA_GRPC" --tokens same --pool 1024); echo "$(calc "$(get redis_hit rps)" 0) $cpu"; }
 redis_hit >/dev/null # introspects the 1024 tokens once, filling Redis
 alternate base redis_hit
 R_BASE=("${BASE_V[@]}"); R_BASE_CPU=("${BASE_CPU[@]}"); R_PA=("${SUBJ_V[@]}"); R_PA_CPU=("${SUBJ_CPU[@]}")
