@@ -27,13 +27,14 @@ grep -i '^authorization:' "$WORK/headers" | cut -d' ' -f2- | tr -d '\r' >"$WORK/
 [ -s "$WORK/authorization" ] || die "phantom-authz did not allow the hot token"
 start_example noop_forward_auth --listen 127.0.0.1:0 --authorization-file "$WORK/authorization"
 NOOP=$ADDR
+NOOP_PID=$PID
 log "phantom-authz http=$PA, no-op $NOOP, IdP $IDP"
 
-http() { # http TARGET: "req/s cpu%"
-    h2load_run h2load --h1 -n "$REQUESTS" -c "$CONNECTIONS" -H 'authorization: Bearer hot-token' "http://$1/authz"
+http() { # http TARGET PID: "req/s cpu% server-µs"
+    h2load_run h2load "$2" --h1 -n "$REQUESTS" -c "$CONNECTIONS" -H 'authorization: Bearer hot-token' "http://$1/authz"
 }
-base() { http "$NOOP"; }
-hit() { http "$PA"; }
+base() { http "$NOOP" "$NOOP_PID"; }
+hit() { http "$PA" "$PA_PID"; }
 LOAD_BEFORE=$(loadavg)
 base >/dev/null; hit >/dev/null # warm both: connections, caches, page faults
 alternate base hit
@@ -45,12 +46,14 @@ MEDIAN=$(median "${RATIOS[@]}")
     echo "Servers on CPU $SERVER_CPU, h2load (HTTP/1.1 keep-alive, $CONNECTIONS connections, $REQUESTS requests a run) on CPU $LOAD_CPU;"
     echo "the no-op answers with the same $(wc -c <"$WORK/authorization") Authorization bytes. Load average before → after: $LOAD_BEFORE → $(loadavg)."
     echo
-    echo "| pair | no-op req/s | h2load CPU | phantom-authz req/s | h2load CPU | ratio |"
-    echo "| --- | --- | --- | --- | --- | --- |"
+    echo "| pair | no-op req/s | h2load CPU | no-op CPU µs/request | phantom-authz req/s | h2load CPU | phantom-authz CPU µs/request | req/s ratio | CPU ratio |"
+    echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     for i in "${!RATIOS[@]}"; do
-        echo "| $((i + 1)) | ${BASE_V[$i]} | ${BASE_CPU[$i]} % | ${SUBJ_V[$i]} | ${SUBJ_CPU[$i]} % | ${RATIOS[$i]} |"
+        echo "| $((i + 1)) | ${BASE_V[$i]} | ${BASE_CPU[$i]} % | ${BASE_US[$i]} | ${SUBJ_V[$i]} | ${SUBJ_CPU[$i]} % |" \
+             "${SUBJ_US[$i]} | ${RATIOS[$i]} | ${US_RATIOS[$i]} |"
     done
     echo
-    echo "Median ratio: **$MEDIAN** (spread $(spread "${RATIOS[@]}"); goal ≥ 0.85)."
+    echo "Median ratio: **$MEDIAN** (spread $(spread "${RATIOS[@]}"); goal ≥ 0.85); from the servers' CPU time" \
+         "per request (no-op ÷ phantom-authz): $(median "${US_RATIOS[@]}") (spread $(spread "${US_RATIOS[@]}"))."
 } >"$OUT"
 log "median ratio $MEDIAN; written to $OUT"

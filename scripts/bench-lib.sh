@@ -128,33 +128,48 @@ timed() {
     awk -v t="$times" 'BEGIN { split(t, a, " "); printf "%.0f\n", 100 * (a[1] + a[2]) / a[3] }'
 }
 
-# h2load_run NAME ARGS...: one h2load run; prints "req/s cpu%" and keeps its output in
-# $WORK/NAME.out. Any failed or errored request fails the benchmark.
+# cpu_ticks PID: user + system CPU time the process has used so far, in clock ticks.
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+
+# h2load_run NAME SERVER_PID ARGS...: one h2load run; prints "req/s cpu% server-µs" (the
+# server's own CPU time, user and kernel, per request: unlike req/s, hardly moved by other work
+# on the machine) and keeps h2load's output in $WORK/NAME.out. Any failed or errored request
+# fails the benchmark.
 h2load_run() {
-    local name=$1 cpu rps; shift
+    local name=$1 pid=$2 cpu rps ticks0 ticks1 requests; shift 2
+    ticks0=$(cpu_ticks "$pid")
     cpu=$(timed "$name" h2load "$@")
+    ticks1=$(cpu_ticks "$pid")
     grep -qE " 0 failed, 0 errored" "$WORK/$name.out" || die "h2load saw errors: $(cat "$WORK/$name.out")"
     rps=$(sed -n 's/^finished in [^,]*, \([0-9.]*\) req\/s.*/\1/p' "$WORK/$name.out")
     [ -n "$rps" ] || die "no rate in h2load's output: $(cat "$WORK/$name.out")"
-    printf '%.0f %s\n' "$rps" "$cpu"
+    requests=$(sed -n 's/^requests: \([0-9]*\) total.*/\1/p' "$WORK/$name.out")
+    printf '%.0f %s %s\n' "$rps" "$cpu" \
+        "$(calc "($ticks1 - $ticks0) * 1000000 / $(getconf CLK_TCK) / $requests" 2)"
 }
 
 # alternate BASE_FN SUBJECT_FN: PAIRS pairs of runs, the order flipping each pair so that
-# drifting background load moves both sides alike. Each function prints "value cpu%". Sets
-# BASE_V, BASE_CPU, SUBJ_V, SUBJ_CPU (arrays, one entry a pair) and RATIOS (subject ÷ base).
+# drifting background load moves both sides alike. Each function prints "value cpu%", and may
+# add the server's CPU µs per request. Sets BASE_V, BASE_CPU, SUBJ_V, SUBJ_CPU (arrays, one
+# entry a pair), RATIOS (subject ÷ base) and, with CPU figures, BASE_US, SUBJ_US and US_RATIOS
+# (base ÷ subject: the throughput ratio the CPU time alone predicts).
 alternate() {
-    local pair b bc s sc
-    BASE_V=(); BASE_CPU=(); SUBJ_V=(); SUBJ_CPU=(); RATIOS=()
+    local pair b bc bu s sc su
+    BASE_V=(); BASE_CPU=(); SUBJ_V=(); SUBJ_CPU=(); RATIOS=(); BASE_US=(); SUBJ_US=(); US_RATIOS=()
     for pair in $(seq "$PAIRS"); do
         if [ $((pair % 2)) -eq 1 ]; then
-            read -r b bc < <("$1"); read -r s sc < <("$2")
+            read -r b bc bu < <("$1"); read -r s sc su < <("$2")
         else
-            read -r s sc < <("$2"); read -r b bc < <("$1")
+            read -r s sc su < <("$2"); read -r b bc bu < <("$1")
         fi
         [ -n "$b" ] && [ -n "$s" ] || die "pair $pair: a run failed"
         BASE_V+=("$b"); BASE_CPU+=("$bc"); SUBJ_V+=("$s"); SUBJ_CPU+=("$sc")
         RATIOS+=("$(calc "$s / $b" 3)")
-        log "pair $pair: $1 $b (load CPU $bc %), $2 $s (load CPU $sc %), ratio ${RATIOS[-1]} (load $(loadavg))"
+        if [ -n "$bu" ] && [ -n "$su" ]; then
+            BASE_US+=("$bu"); SUBJ_US+=("$su"); US_RATIOS+=("$(calc "$bu / $su" 3)")
+        fi
+        log "pair $pair: $1 $b (load CPU $bc %, server ${bu:-?} µs), $2 $s (load CPU $sc %, server ${su:-?} µs)," \
+            "ratio ${RATIOS[-1]} (load $(loadavg))"
     done
 }
 

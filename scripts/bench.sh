@@ -37,9 +37,9 @@ idp_stat() { curl -sf "http://$IDP/stats" | awk -v k="$1" '$1 == k { print $2 }'
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 metric() { curl -sf "http://$PA_ADMIN/metrics" | awk -v k="$1" '$1 == k { print $2 }'; }
 
-# grpc TARGET: h2load at saturation, the hot token's Check; "req/s cpu%".
+# grpc TARGET PID: h2load at saturation, the hot token's Check; "req/s cpu% server-µs".
 grpc() {
-    h2load_run h2load -n "$REQUESTS" -c "$CONNECTIONS" -m "$STREAMS" -d "$WORK/check.bin" \
+    h2load_run h2load "$2" -n "$REQUESTS" -c "$CONNECTIONS" -m "$STREAMS" -d "$WORK/check.bin" \
         -H 'content-type: application/grpc' -H 'te: trailers' \
         "http://$1/envoy.service.auth.v3.Authorization/Check"
 }
@@ -80,12 +80,12 @@ log "IdP $IDP, no-op baseline $NOOP, phantom-authz $PA_GRPC; Authorization: $AUT
 # --- throughput: local-cache hit -----------------------------------------------------------
 LOAD_BEFORE=$(loadavg)
 log "local-cache hit vs. no-op, h2load (load $LOAD_BEFORE)"
-base() { grpc "$NOOP"; }
-local_hit() { grpc "$PA_GRPC"; }
+base() { grpc "$NOOP" "$NOOP_PID"; }
+local_hit() { grpc "$PA_GRPC" "$PA_PID"; }
 base >/dev/null; local_hit >/dev/null # warm both: connections, caches, page faults
 alternate base local_hit
 L_BASE=("${BASE_V[@]}"); L_BASE_CPU=("${BASE_CPU[@]}"); L_PA=("${SUBJ_V[@]}"); L_PA_CPU=("${SUBJ_CPU[@]}")
-L_RATIOS=("${RATIOS[@]}")
+L_RATIOS=("${RATIOS[@]}"); L_BASE_US=("${BASE_US[@]}"); L_PA_US=("${SUBJ_US[@]}"); L_US_RATIOS=("${US_RATIOS[@]}")
 L_LOAD="$LOAD_BEFORE → $(loadavg)"
 BASE_SAT=$(median "${L_BASE[@]}")
 HALF=$(calc "$BASE_SAT / 2" 0)
@@ -175,6 +175,7 @@ pairs_table() { # pairs_table BASE_LABEL SUBJECT_LABEL: the last pairs, from the
     done
 }
 L_RATIO=$(median "${L_RATIOS[@]}")
+L_US_RATIO=$(median "${L_US_RATIOS[@]}")
 R_RATIO=$(median "${R_RATIOS[@]}")
 H_DELTA=$(median "${H_DELTAS[@]}")
 M_DELTA=$(median "${M_DELTAS[@]}")
@@ -204,6 +205,7 @@ mkdir -p bench
     echo "| goal | median | spread over $PAIRS pairs | verdict |"
     echo "| --- | ---: | ---: | --- |"
     echo "| local-hit throughput ÷ same-bytes no-op ≥ 0.95 | $L_RATIO | $(spread "${L_RATIOS[@]}") | $(verdict "$L_RATIO >= 0.95") |"
+    echo "| the same, from server CPU time per Check (no-op ÷ phantom-authz) | $L_US_RATIO | $(spread "${L_US_RATIOS[@]}") | $(verdict "$L_US_RATIO >= 0.95") |"
     echo "| local-hit p99 at $HALF req/s ≤ no-op p99 + 0.2 ms | +$H_DELTA ms | $(spread "${H_DELTAS[@]}") ms | $(verdict "$H_DELTA <= 0.2") |"
     echo "| miss p50, one in flight, ≤ IdP alone + 0.5 ms | +$M_DELTA ms | $(spread "${M_DELTAS[@]}") ms | $(verdict "$M_DELTA <= 0.5") |"
     echo "| Redis-hit throughput ÷ no-op ≥ 0.6 | $R_RATIO | $(spread "${R_RATIOS[@]}") | $(verdict "$R_RATIO >= 0.6") |"
@@ -212,10 +214,16 @@ mkdir -p bench
     echo
     echo "## Local-cache hit vs. no-op (h2load, req/s; load $L_LOAD)"
     echo
-    P_BASE=("${L_BASE[@]}"); P_BASE_CPU=("${L_BASE_CPU[@]}"); P_SUBJ=("${L_PA[@]}"); P_SUBJ_CPU=("${L_PA_CPU[@]}"); P_RATIO=("${L_RATIOS[@]}")
-    pairs_table "no-op req/s" "phantom-authz req/s"
+    echo "| pair | no-op req/s | h2load CPU | no-op CPU µs/Check | phantom-authz req/s | h2load CPU | phantom-authz CPU µs/Check | req/s ratio | CPU ratio |"
+    echo "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    for i in "${!L_BASE[@]}"; do
+        echo "| $((i + 1)) | ${L_BASE[$i]} | ${L_BASE_CPU[$i]} % | ${L_BASE_US[$i]} | ${L_PA[$i]} | ${L_PA_CPU[$i]} % |" \
+             "${L_PA_US[$i]} | ${L_RATIOS[$i]} | ${L_US_RATIOS[$i]} |"
+    done
     echo
-    echo "h2load's CPU is its share of CPU $LOAD_CPU during the run; below 100 % it waited for the server."
+    echo "h2load's CPU is its share of CPU $LOAD_CPU during the run; below 100 % it waited for the server." \
+         "CPU µs/Check is the server's own user + system time over the run ÷ Checks: other work on the" \
+         "machine delays the server (req/s) far more than it changes that cost."
     echo
     echo "## p99 at $HALF req/s (loadgen, ms; load $H_LOAD)"
     echo
