@@ -165,6 +165,7 @@ log "RSS $RSS0 KiB -> $RSS1 KiB for $CACHED entries: $BYTES_PER B per token"
 stop "$PA_PID"
 
 # --- report ----------------------------------------------------------------------------------
+signed() { awk "BEGIN { printf \"%+.3f\", $1 }"; }
 verdict() { if awk "BEGIN { exit !($1) }"; then echo "met"; else echo "**missed**"; fi; }
 pairs_table() { # pairs_table BASE_LABEL SUBJECT_LABEL: the last pairs, from the arrays named below
     local i
@@ -206,8 +207,8 @@ mkdir -p bench
     echo "| --- | ---: | ---: | --- |"
     echo "| local-hit throughput ÷ same-bytes no-op ≥ 0.95 | $L_RATIO | $(spread "${L_RATIOS[@]}") | $(verdict "$L_RATIO >= 0.95") |"
     echo "| the same, from server CPU time per Check (no-op ÷ phantom-authz) | $L_US_RATIO | $(spread "${L_US_RATIOS[@]}") | $(verdict "$L_US_RATIO >= 0.95") |"
-    echo "| local-hit p99 at $HALF req/s ≤ no-op p99 + 0.2 ms | +$H_DELTA ms | $(spread "${H_DELTAS[@]}") ms | $(verdict "$H_DELTA <= 0.2") |"
-    echo "| miss p50, one in flight, ≤ IdP alone + 0.5 ms | +$M_DELTA ms | $(spread "${M_DELTAS[@]}") ms | $(verdict "$M_DELTA <= 0.5") |"
+    echo "| local-hit p99 at $HALF req/s ≤ no-op p99 + 0.2 ms | $(signed "$H_DELTA") ms | $(spread "${H_DELTAS[@]}") ms | $(verdict "$H_DELTA <= 0.2") |"
+    echo "| miss p50, one in flight, ≤ IdP alone + 0.5 ms | $(signed "$M_DELTA") ms | $(spread "${M_DELTAS[@]}") ms | $(verdict "$M_DELTA <= 0.5") |"
     echo "| Redis-hit throughput ÷ no-op ≥ 0.6 | $R_RATIO | $(spread "${R_RATIOS[@]}") | $(verdict "$R_RATIO >= 0.6") |"
     echo "| no new IdP connection per miss after warm-up | $MISS_CONNS for $MISS_CALLS misses | | $(verdict "$MISS_CONNS * 100 < $MISS_CALLS") |"
     echo "| memory per cached token ≤ JWT + 256 B ($MEM_LIMIT B) | $BYTES_PER B | | $(verdict "$BYTES_PER <= $MEM_LIMIT") |"
