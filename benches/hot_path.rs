@@ -1,5 +1,6 @@
 //! Micro-benchmarks of the per-Check work on the hot path: token extraction (both header
-//! encodings), cache-key derivation, response building, and a local-cache hit.
+//! encodings), cache-key derivation, response building, a local-cache hit, and the metrics a
+//! Check records.
 //!
 //! ```text
 //! cargo bench --bench hot_path
@@ -16,6 +17,8 @@ use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
 use phantom_authz::cache::Grant;
 use phantom_authz::cache::local::LocalCache;
 use phantom_authz::decision::{AllowedJwt, Outcome, Responder};
+use phantom_authz::jwt::Claims;
+use phantom_authz::metrics::{self, CheckMetrics, Lookup, Tier, TierLookups, Transport};
 use phantom_authz::token::{CacheKey, bearer_token, check_request, parse_bearer};
 
 const TOKEN: &str = "_0XBPWQQ_2a4e0a6a-8b6f-4a67-9f09-2f1c2c6f0d3e";
@@ -105,6 +108,16 @@ fn respond(c: &mut Criterion) {
     c.bench_function("Responder::respond/allow_1k_jwt", |b| {
         b.iter(|| responder.respond(black_box(&allow)))
     });
+    // With the claims that become dynamic metadata (sub, exp), as most grants have.
+    let claims = Claims {
+        sub: Some("user-2a4e0a6a".into()),
+        exp: Some(4_102_444_800),
+        ..Default::default()
+    };
+    let allow = Outcome::Allow(AllowedJwt(Grant::new(&jwt_1k(), claims)));
+    c.bench_function("Responder::respond/allow_1k_jwt_sub_exp", |b| {
+        b.iter(|| responder.respond(black_box(&allow)))
+    });
     c.bench_function("Responder::respond/401", |b| {
         b.iter(|| responder.respond(black_box(&Outcome::Inactive)))
     });
@@ -127,11 +140,38 @@ fn local_cache_hit(c: &mut Criterion) {
     });
 }
 
+/// What one local hit records, against the Prometheus recorder the service runs with: handles
+/// resolved once, next to a lookup of the counter by its labels per event.
+fn check_metrics(c: &mut Criterion) {
+    let recorder = metrics::recorder().expect("recorder");
+    let _local = ::metrics::set_default_local_recorder(&recorder);
+    let check = CheckMetrics::new();
+    let local = TierLookups::new(Tier::Local);
+    let allow = Outcome::Allow(AllowedJwt(Grant::new(&jwt_1k(), Default::default())));
+    c.bench_function("CheckMetrics::finished/allow", |b| {
+        b.iter(|| {
+            check.finished(
+                black_box(&allow),
+                Duration::from_micros(20),
+                Transport::Grpc,
+            )
+        })
+    });
+    c.bench_function("TierLookups::record/hit", |b| {
+        b.iter(|| local.record(black_box(Lookup::Hit)))
+    });
+    c.bench_function(
+        "metrics::cache_lookup/hit (registry lookup per event)",
+        |b| b.iter(|| metrics::cache_lookup(Tier::Local, black_box(Lookup::Hit))),
+    );
+}
+
 criterion_group!(
     benches,
     token_extraction,
     cache_key,
     respond,
-    local_cache_hit
+    local_cache_hit,
+    check_metrics
 );
 criterion_main!(benches);

@@ -55,6 +55,14 @@ struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Write the gRPC message of one Check (5-byte frame header and protobuf, the body of
+    /// `POST /envoy.service.auth.v3.Authorization/Check`) carrying `--token` to this file and
+    /// exit, for load generators that send fixed bytes (`h2load -d`).
+    #[arg(long, value_name = "FILE")]
+    write_check: Option<std::path::PathBuf>,
+    /// The bearer token of `--write-check`'s request.
+    #[arg(long, default_value = "hot-token")]
+    token: String,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -97,6 +105,9 @@ async fn main() {
 }
 
 async fn run(args: Args) -> Result<(), String> {
+    if let Some(path) = &args.write_check {
+        return write_check(path, &args.token);
+    }
     if args.connections == 0 || args.concurrency == 0 {
         return Err("--connections and --concurrency must be at least 1".into());
     }
@@ -223,6 +234,32 @@ fn check_request(plan: &Plan, n: u64) -> CheckRequest {
             ..Default::default()
         }),
     }
+}
+
+/// The Check `--write-check` writes: the template's headers, a request id and the token, as
+/// one length-prefixed, uncompressed gRPC message.
+fn write_check(path: &std::path::Path, token: &str) -> Result<(), String> {
+    let mut headers = template();
+    headers.insert("x-request-id".into(), "bench".into());
+    headers.insert("authorization".into(), format!("Bearer {token}"));
+    let request = CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(Request {
+                http: Some(HttpRequest {
+                    headers,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    };
+    let body = prost::Message::encode_to_vec(&request);
+    let length = u32::try_from(body.len()).map_err(|_| "request too large".to_owned())?;
+    let mut message = vec![0];
+    message.extend_from_slice(&length.to_be_bytes());
+    message.extend_from_slice(&body);
+    std::fs::write(path, message).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 /// The token of request `n`, or `None` for a request without `Authorization`.

@@ -17,7 +17,7 @@ use crate::cache::local::{Generation, LocalCache};
 use crate::cache::{CacheError, CachedJwt, Eviction, Grant, SharedCache, now_ms};
 use crate::decision::{AllowedJwt, Outcome};
 use crate::introspection::{ActiveToken, CacheDirective, IdpError, Introspect, Introspected};
-use crate::metrics::{self, Lookup, Tier};
+use crate::metrics::{self, Lookup, Tier, TierLookups};
 use crate::telemetry;
 use crate::token::{CacheKey, OwnedToken, Token};
 
@@ -52,6 +52,8 @@ pub struct Authorizer {
     idp: Arc<dyn Introspect>,
     ttls: Ttls,
     flights: Mutex<HashMap<CacheKey, Answer>>,
+    /// Hit and miss counters of the tiers present, by [`Tier`], resolved once.
+    lookups: [Option<TierLookups>; 3],
 }
 
 impl Authorizer {
@@ -65,6 +67,11 @@ impl Authorizer {
             LocalCache::new(INACTIVE_MAX_ENTRIES, INACTIVE_MAX_ENTRIES as u64 * 128)
                 .without_gauges()
         });
+        let lookups = [
+            local.is_some().then(|| TierLookups::new(Tier::Local)),
+            inactive.is_some().then(|| TierLookups::new(Tier::Inactive)),
+            shared.is_some().then(|| TierLookups::new(Tier::Redis)),
+        ];
         Self {
             local,
             inactive,
@@ -72,6 +79,7 @@ impl Authorizer {
             idp,
             ttls,
             flights: Mutex::new(HashMap::new()),
+            lookups,
         }
     }
 
@@ -81,17 +89,17 @@ impl Authorizer {
         if let Some(local) = &self.local {
             let span = telemetry::cache_span(Tier::Local);
             if let Some(grant) = span.in_scope(|| local.get(&key)) {
-                looked_up(&span, Tier::Local, Lookup::Hit);
+                self.looked_up(&span, Tier::Local, Lookup::Hit);
                 return Outcome::Allow(AllowedJwt(grant));
             }
-            looked_up(&span, Tier::Local, Lookup::Miss);
+            self.looked_up(&span, Tier::Local, Lookup::Miss);
         }
         if let Some(inactive) = &self.inactive {
             if inactive.get(&key).is_some() {
-                metrics::cache_lookup(Tier::Inactive, Lookup::Hit);
+                self.count(Tier::Inactive, Lookup::Hit);
                 return Outcome::Inactive;
             }
-            metrics::cache_lookup(Tier::Inactive, Lookup::Miss);
+            self.count(Tier::Inactive, Lookup::Miss);
         }
         let mut answer = self.flight(key, token);
         let waited =
@@ -147,13 +155,13 @@ impl Authorizer {
             let span = telemetry::cache_span(Tier::Redis);
             match shared.get(token).instrument(span.clone()).await {
                 Ok(Some(entry)) => {
-                    looked_up(&span, Tier::Redis, Lookup::Hit);
+                    self.looked_up(&span, Tier::Redis, Lookup::Hit);
                     self.remember_locally(since, key, &entry);
                     return Outcome::Allow(AllowedJwt(entry.grant));
                 }
-                Ok(None) => looked_up(&span, Tier::Redis, Lookup::Miss),
+                Ok(None) => self.looked_up(&span, Tier::Redis, Lookup::Miss),
                 Err(CacheError::Corrupt) => {
-                    looked_up(&span, Tier::Redis, Lookup::Invalid);
+                    self.looked_up(&span, Tier::Redis, Lookup::Invalid);
                     tracing::warn!(
                         key = ?key,
                         "redis entry failed to open or to pass the checks of an IdP answer; \
@@ -162,7 +170,7 @@ impl Authorizer {
                 }
                 Err(error) => {
                     // Outages are logged once by the Redis tier, not once per Check.
-                    looked_up(&span, Tier::Redis, Lookup::Error);
+                    self.looked_up(&span, Tier::Redis, Lookup::Error);
                     tracing::debug!(%error, "redis lookup failed; introspecting");
                 }
             }
@@ -251,6 +259,19 @@ impl Authorizer {
                 local.put(key, entry.grant.clone(), ttl);
                 true
             }
+        }
+    }
+
+    /// Counts a cache lookup and records it on the lookup's span.
+    fn looked_up(&self, span: &tracing::Span, tier: Tier, result: Lookup) {
+        self.count(tier, result);
+        telemetry::record_lookup(span, result);
+    }
+
+    fn count(&self, tier: Tier, result: Lookup) {
+        match &self.lookups[tier as usize] {
+            Some(lookups) => lookups.record(result),
+            None => metrics::cache_lookup(tier, result),
         }
     }
 
@@ -358,12 +379,6 @@ pub fn cache_ttl(
         ttl = ttl.min(Duration::from_millis(exp_ms - now_ms));
     }
     Some(ttl)
-}
-
-/// Counts a cache lookup and records it on the lookup's span.
-fn looked_up(span: &tracing::Span, tier: Tier, result: Lookup) {
-    metrics::cache_lookup(tier, result);
-    telemetry::record_lookup(span, result);
 }
 
 /// Maps an introspection failure to what Envoy is told.

@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 
 use crate::config::{HttpConfig, OriginalRequest};
 use crate::decision::Outcome;
-use crate::metrics::{self, Transport};
+use crate::metrics::Transport;
 use crate::server::{self, CheckService};
 use crate::token;
 
@@ -55,7 +55,9 @@ async fn answer(
         Ok(check) => checks.judge(&check, Transport::Http).await,
         Err(outcome) => {
             // Refused before it became a Check (two Authorization headers): counted all the same.
-            metrics::check_finished(&outcome, Duration::ZERO, Transport::Http);
+            checks
+                .metrics()
+                .finished(&outcome, Duration::ZERO, Transport::Http);
             outcome
         }
     };

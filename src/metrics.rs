@@ -5,13 +5,14 @@
 use std::time::Duration;
 
 use metrics::{
-    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+    Counter, Histogram, Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge,
+    histogram,
 };
 use metrics_exporter_prometheus::{
     BuildError, Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 
-use crate::decision::Outcome;
+use crate::decision::{Decision, Outcome, Row};
 
 pub const CHECK_DURATION: &str = "phantom_authz_check_duration_seconds";
 pub const DECISIONS: &str = "phantom_authz_decisions_total";
@@ -120,9 +121,9 @@ pub fn describe() {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transport {
     /// Envoy's ext_authz gRPC `Check`.
-    Grpc,
+    Grpc = 0,
     /// HTTP forward-auth (nginx, Caddy, Traefik, HAProxy, Envoy's `http_service`).
-    Http,
+    Http = 1,
 }
 
 impl Transport {
@@ -134,10 +135,40 @@ impl Transport {
     }
 }
 
-/// One Check answered.
-pub fn check_finished(outcome: &Outcome, elapsed: Duration, transport: Transport) {
-    histogram!(CHECK_DURATION).record(elapsed.as_secs_f64());
-    let row = outcome.row();
+/// What a Check records, resolved once against the recorder in place when the service is built:
+/// a Check then adds to atomics, without a registry lookup, label hashing or key copy.
+pub struct CheckMetrics {
+    duration: Histogram,
+    /// Allows (most Checks) by transport, `[grpc, http]`; a denial is looked up by its labels.
+    allowed: [Counter; 2],
+}
+
+impl CheckMetrics {
+    pub fn new() -> Self {
+        Self {
+            duration: histogram!(CHECK_DURATION),
+            allowed: [Transport::Grpc, Transport::Http].map(|t| decisions(&Row::ALLOW, t)),
+        }
+    }
+
+    /// One Check answered.
+    pub fn finished(&self, outcome: &Outcome, elapsed: Duration, transport: Transport) {
+        self.duration.record(elapsed.as_secs_f64());
+        let row = outcome.row();
+        match row.decision {
+            Decision::Allow => self.allowed[transport as usize].increment(1),
+            Decision::Deny => decisions(&row, transport).increment(1),
+        }
+    }
+}
+
+impl Default for CheckMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn decisions(row: &Row, transport: Transport) -> Counter {
     counter!(
         DECISIONS,
         "decision" => row.decision.as_str(),
@@ -145,16 +176,15 @@ pub fn check_finished(outcome: &Outcome, elapsed: Duration, transport: Transport
         "reason" => row.reason,
         "transport" => transport.as_str(),
     )
-    .increment(1);
 }
 
 /// Which cache tier a lookup went to.
 #[derive(Clone, Copy, Debug)]
 pub enum Tier {
-    Local,
+    Local = 0,
     /// The in-process negative cache of tokens the IdP called inactive.
-    Inactive,
-    Redis,
+    Inactive = 1,
+    Redis = 2,
 }
 
 /// What a cache lookup found.
@@ -181,12 +211,42 @@ impl Lookup {
 }
 
 pub fn cache_lookup(tier: Tier, result: Lookup) {
+    lookups(tier, result).increment(1);
+}
+
+fn lookups(tier: Tier, result: Lookup) -> Counter {
     let tier = match tier {
         Tier::Local => "local",
         Tier::Inactive => "inactive",
         Tier::Redis => "redis",
     };
-    counter!(CACHE_LOOKUPS, "tier" => tier, "result" => result.as_str()).increment(1);
+    counter!(CACHE_LOOKUPS, "tier" => tier, "result" => result.as_str())
+}
+
+/// One tier's hit and miss counters, resolved once (see [`CheckMetrics`]); the rarer results
+/// go through [`cache_lookup`].
+pub struct TierLookups {
+    hit: Counter,
+    miss: Counter,
+    tier: Tier,
+}
+
+impl TierLookups {
+    pub fn new(tier: Tier) -> Self {
+        Self {
+            hit: lookups(tier, Lookup::Hit),
+            miss: lookups(tier, Lookup::Miss),
+            tier,
+        }
+    }
+
+    pub fn record(&self, result: Lookup) {
+        match result {
+            Lookup::Hit => self.hit.increment(1),
+            Lookup::Miss => self.miss.increment(1),
+            Lookup::Error | Lookup::Invalid => cache_lookup(self.tier, result),
+        }
+    }
 }
 
 /// One introspection call finished; `result` is a bounded label from the introspection module.

@@ -27,7 +27,7 @@ use tracing::Instrument as _;
 use crate::authorizer::Authorizer;
 use crate::config::GrpcLimits;
 use crate::decision::{AllowedJwt, Outcome, Responder};
-use crate::metrics::{self, Transport};
+use crate::metrics::{CheckMetrics, Transport};
 use crate::reflection;
 use crate::route::{Demand, RouteTable};
 use crate::telemetry;
@@ -39,6 +39,7 @@ pub struct CheckService {
     responder: Responder,
     max_token_length: usize,
     routes: RouteTable,
+    metrics: CheckMetrics,
 }
 
 impl CheckService {
@@ -53,6 +54,7 @@ impl CheckService {
             responder,
             max_token_length,
             routes,
+            metrics: CheckMetrics::new(),
         }
     }
 
@@ -107,7 +109,8 @@ impl CheckService {
         let outcome = self.decide(request).instrument(span.clone()).await;
         telemetry::record_outcome(&span, &outcome);
         drop(span);
-        metrics::check_finished(&outcome, started.elapsed(), transport);
+        self.metrics
+            .finished(&outcome, started.elapsed(), transport);
         if tracing::enabled!(tracing::Level::DEBUG) {
             tracing::debug!(
                 request_id = request_id(request),
@@ -124,6 +127,11 @@ impl CheckService {
     /// How outcomes are told to the caller.
     pub fn responder(&self) -> &Responder {
         &self.responder
+    }
+
+    /// Where Checks are counted; for one refused before it became a Check.
+    pub fn metrics(&self) -> &CheckMetrics {
+        &self.metrics
     }
 }
 
