@@ -225,7 +225,7 @@ async fn a_cluster_master_killed_costs_introspections_until_its_replica_takes_ov
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_absent_at_start_is_used_once_it_forms() {
-    let ports = [(); 6].map(|()| free_port());
+    let ports = [(); 6].map(|()| cluster_port());
     let urls: Vec<String> = ports
         .iter()
         .map(|port| format!("redis://127.0.0.1:{port}"))

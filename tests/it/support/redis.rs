@@ -128,6 +128,30 @@ pub(crate) async fn eviction_subscribers(redis: &Redis) -> u64 {
 // ---------------------------------------------------------------------------------------------
 // Redis Cluster
 
+/// A free port for a cluster node, below the kernel's ephemeral range (32768 and up), with its
+/// cluster bus port (10000 higher) free too. A port the kernel hands out for port 0 will not do:
+/// above 55535 its bus port does not exist and redis-server refuses to start, and another test's
+/// `free_port` may take it while a test holds it for a cluster it has yet to start. Ports are
+/// handed out once per test process, from a start that differs between processes.
+pub(crate) fn cluster_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % 10_000,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    let free = |port: u16| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
+    for _ in 0..10_000 {
+        let port = 10_000 + (NEXT.fetch_add(1, Ordering::Relaxed) % 10_000) as u16;
+        if free(port) && free(port + 10_000) {
+            return port;
+        }
+    }
+    panic!("no free port pair for a cluster node between 10000 and 30000");
+}
+
 /// A Redis Cluster of three masters with a replica each, on free loopback ports, its nodes
 /// killed on drop. Nodes fail over within a few seconds (`cluster-node-timeout` 1 s), and the
 /// masters still up keep serving their slots while one is down.
@@ -138,7 +162,7 @@ pub(crate) struct Cluster {
 
 impl Cluster {
     pub(crate) fn start() -> Cluster {
-        Self::start_on([(); 6].map(|()| free_port()))
+        Self::start_on([(); 6].map(|()| cluster_port()))
     }
 
     pub(crate) fn start_on(ports: [u16; 6]) -> Cluster {
