@@ -12,8 +12,10 @@
 # Distinct tokens need a body per request, which h2load cannot vary, so the rows are driven by
 # examples/loadgen.rs; h2load (nghttp2-client) drives one reference pair on a single token to
 # show how close loadgen comes to the server's limit. Servers (redis-server, IdP, phantom-authz)
-# are pinned to CPU 0 and the load to CPU 1. Besides req/s, each row gives the server's own CPU
-# time per Check (from /proc/PID/stat), which does not depend on who limits the rate.
+# are pinned to CPU 0 and the load to CPU 1. --redis-timeout is raised to 1 s: on a busy shared
+# machine a stall past the 50 ms default turns a Redis hit into an introspection, and the runs
+# measure hits. Besides req/s, each row gives the server's own CPU time per Check (from
+# /proc/PID/stat), which does not depend on who limits the rate.
 #
 #   scripts/bench-scale.sh                        # ~8 minutes after the build
 #   BENCH_TOKENS=200000 BENCH_PAIRS=1 scripts/bench-scale.sh
@@ -92,7 +94,7 @@ start_phantom() { # start_phantom ARGS...: sets PA_GRPC, PA_ADMIN, PA_PID
         --introspection-url "http://$IDP/oauth/v2/oauth-introspect" \
         --client-id bench --client-secret bench-secret \
         --redis-url "redis://127.0.0.1:$REDIS_PORT" --cache-secret-file "$WORK/cache-secret" \
-        --max-cache-ttl 1h "$@" 2>"$err" &
+        --max-cache-ttl 1h --redis-timeout 1s "$@" 2>"$err" &
     PA_PID=$!; PIDS+=("$PA_PID")
     line=$(wait_for "$err" 'phantom-authz listening')
     PA_GRPC=$(grep -oE 'grpc=[0-9.:]+' <<<"$line" | cut -d= -f2)
@@ -120,7 +122,7 @@ measure() {
 # rounds PREFIX: BENCH_PAIRS rounds over 1k, 100k and TOKENS, the order reversed every other
 # round; appends table rows to $PREFIX.rows and ratios to $PREFIX.<pool>.
 rounds() {
-    local prefix=$1 round pool pools rps us cpu base
+    local prefix=$1 round pool pools rps us cpu base base_us
     for round in $(seq "$PAIRS"); do
         if [ $((round % 2)) -eq 1 ]; then pools="1000 100000 $TOKENS"; else pools="$TOKENS 100000 1000"; fi
         declare -A r=()
@@ -129,11 +131,12 @@ rounds() {
             r[$pool]="$rps $us $cpu"
             log "$prefix round $round, $pool tokens: $rps req/s, $us µs server CPU per Check, loadgen CPU $cpu %"
         done
-        base=${r[1000]%% *}
+        read -r base base_us _ <<<"${r[1000]}"
         for pool in 1000 100000 "$TOKENS"; do
             read -r rps us cpu <<<"${r[$pool]}"
             calc "$rps / $base" 3 >>"$WORK/$prefix.$pool"; echo >>"$WORK/$prefix.$pool"
-            echo "| $round | $pool | $rps | $(calc "$rps / $base" 3) | $us | $cpu % |" >>"$WORK/$prefix.rows"
+            calc "$base_us / $us" 3 >>"$WORK/$prefix.core.$pool"; echo >>"$WORK/$prefix.core.$pool"
+            echo "| $round | $pool | $rps | $(calc "$rps / $base" 3) | $us | $(calc "$base_us / $us" 3) | $cpu % |" >>"$WORK/$prefix.rows"
         done
         unset r
     done
@@ -154,11 +157,18 @@ LOADAVG_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 # --- fill: every token introspected once, through the service's own path ---------------------
 ENTRIES=$((TOKENS + TOKENS / 4))
 start_phantom --local-cache-ttl 1h --local-cache-max-entries "$ENTRIES" --local-cache-max-bytes 8GiB
-fill() { # fill N: the first N tokens, each introspected once (pool N, N requests, in turn)
-    taskset -c "$LOAD_CPU" "$BIN/examples/loadgen" --target "http://$PA_GRPC" --tokens same \
-        --pool "$1" --requests "$1" --run "$RUN" --concurrency 128 --warmup 0s --duration 30m \
-        --json >"$WORK/fill-$1.json"
-    grep -q '"denied":0,"errors":0' "$WORK/fill-$1.json" || die "fill $1: $(cat "$WORK/fill-$1.json")"
+fill() { # fill N: the first N tokens in turn, each introspected once; on a loaded machine an
+    # introspection may time out (a 503), so passes repeat, hits for the tokens already cached,
+    # until one pass is all allowed.
+    local pass
+    for pass in 1 2 3; do
+        taskset -c "$LOAD_CPU" "$BIN/examples/loadgen" --target "http://$PA_GRPC" --tokens same \
+            --pool "$1" --requests "$1" --run "$RUN" --concurrency 128 --warmup 0s --duration 30m \
+            --json >"$WORK/fill-$1.json"
+        grep -q '"denied":0,"errors":0' "$WORK/fill-$1.json" && return
+        log "fill $1, pass $pass: $(cat "$WORK/fill-$1.json")"
+    done
+    die "fill $1 still denied after $pass passes"
 }
 fill 1000
 # The 1k run grows connection buffers and allocator arenas before the memory baseline.
@@ -174,7 +184,8 @@ REDIS_MEM1=$(redis_memory); KEYS1=$(redis_keys)
 CACHED=$(( ${ENTRIES1%.*} - ${ENTRIES0%.*} ))
 [ "${ENTRIES1%.*}" -eq "$TOKENS" ] || die "$ENTRIES1 entries in process after filling $TOKENS"
 [ "$((KEYS1 - KEYS0))" -eq "$CACHED" ] || die "$((KEYS1 - KEYS0)) Redis keys for $CACHED tokens"
-[ "$(idp_calls)" -eq "$TOKENS" ] || die "$(idp_calls) introspections for $TOKENS tokens"
+IDP_CALLS=$(idp_calls)
+[ "$IDP_CALLS" -ge "$TOKENS" ] || die "$IDP_CALLS introspections for $TOKENS tokens"
 PER_TOKEN=$(calc "($RSS1 - $RSS0) * 1024 / $CACHED" 0)
 REDIS_PER_TOKEN=$(calc "($REDIS_MEM1 - $REDIS_MEM0) / ($KEYS1 - $KEYS0)" 0)
 "$BIN/phantom-authz" check --target "$PA_GRPC" --token "same-$RUN-0" --show-jwt --json \
@@ -206,6 +217,10 @@ LOCAL_MEDIAN=$(median <"$WORK/local.$TOKENS")
 LOCAL_100K=$(median <"$WORK/local.100000")
 REDIS_MEDIAN=$(median <"$WORK/redis.$TOKENS")
 REDIS_100K=$(median <"$WORK/redis.100000")
+LOCAL_CORE=$(median <"$WORK/local.core.$TOKENS")
+LOCAL_CORE_100K=$(median <"$WORK/local.core.100000")
+REDIS_CORE=$(median <"$WORK/redis.core.$TOKENS")
+REDIS_CORE_100K=$(median <"$WORK/redis.core.100000")
 mkdir -p bench
 {
     echo "# A million tokens: throughput and memory at scale"
@@ -221,13 +236,18 @@ mkdir -p bench
     echo "  \`sub\` and \`exp\`) and phantom-authz pinned to CPU $SERVER_CPU; the load generator to CPU $LOAD_CPU."
     echo "- Fill: $TOKENS distinct tokens sent once each through phantom-authz (Redis configured,"
     echo "  \`--local-cache-ttl 1h --local-cache-max-entries $ENTRIES\`): each introspected once, sealed into"
-    echo "  Redis and kept in process, in $FILL_SECS s. Every measured run then checks that the IdP saw no"
-    echo "  further call and that every Check was allowed."
+    echo "  Redis and kept in process, in $FILL_SECS s ($IDP_CALLS introspections: a pass repeats for any"
+    echo "  introspection timed out on the loaded machine). Every measured run then checks that the IdP"
+    echo "  saw no further call and that every Check was allowed."
     echo "- Throughput: \`examples/loadgen.rs --tokens uniform\` (4 HTTP/2 connections, 64 in flight, $DURATION"
     echo "  a run) draws each Check's token uniformly from the first 1k, 100k or all $TOKENS tokens;"
     echo "  $PAIRS rounds, the order of the three runs reversed every other round. Ratios are to the 1k run"
     echo "  of the same round. Server CPU per Check is phantom-authz's user + system time over the run"
-    echo "  (\`/proc/PID/stat\`) divided by the Checks answered: it holds whoever limits the rate."
+    echo "  (\`/proc/PID/stat\`) divided by the Checks answered: it holds whoever limits the rate, and"
+    echo "  its ratio (1k ÷ N) is the throughput per core. Other work on this machine starves the"
+    echo "  pinned server at times, even within a round, so req/s ratios swing; per-core ratios less."
+    echo "- phantom-authz runs with \`--redis-timeout 1s\`: a stall past the 50 ms default on the busy"
+    echo "  machine would turn a Redis hit into an introspection."
     echo "- Generator check, one token, local hit: h2load (4 connections × 16 streams, a pre-encoded"
     echo "  CheckRequest) reached $H2LOAD_RPS req/s using $H2LOAD_CPU % of CPU $LOAD_CPU; loadgen reached $ONE_RPS req/s"
     echo "  using $ONE_CPU % ($ONE_US µs server CPU per Check). Where loadgen's CPU is near 100 %, it is the"
@@ -239,21 +259,23 @@ mkdir -p bench
     echo
     echo "| figure | measured | goal |"
     echo "| --- | --- | --- |"
-    echo "| local-hit throughput, $TOKENS tokens ÷ 1k (median) | $LOCAL_MEDIAN (100k: $LOCAL_100K) | ≥ 0.9: $(verdict "$LOCAL_MEDIAN >= 0.9") |"
-    echo "| Redis-hit throughput, $TOKENS keys ÷ 1k (median) | $REDIS_MEDIAN (100k: $REDIS_100K) | ≥ 0.9: $(verdict "$REDIS_MEDIAN >= 0.9") |"
+    echo "| local-hit throughput per core, $TOKENS tokens ÷ 1k (median; server CPU per Check at 1k ÷ at $TOKENS) | $LOCAL_CORE (100k: $LOCAL_CORE_100K) | ≥ 0.9: $(verdict "$LOCAL_CORE >= 0.9") |"
+    echo "| local-hit req/s, $TOKENS tokens ÷ 1k (median; moved by other work on the machine) | $LOCAL_MEDIAN (100k: $LOCAL_100K) | ≥ 0.9: $(verdict "$LOCAL_MEDIAN >= 0.9") |"
+    echo "| Redis-hit throughput per core, $TOKENS keys ÷ 1k (median; phantom-authz's CPU only) | $REDIS_CORE (100k: $REDIS_CORE_100K) | ≥ 0.9: $(verdict "$REDIS_CORE >= 0.9") |"
+    echo "| Redis-hit req/s, $TOKENS keys ÷ 1k (median; moved by other work on the machine) | $REDIS_MEDIAN (100k: $REDIS_100K) | ≥ 0.9: $(verdict "$REDIS_MEDIAN >= 0.9") |"
     echo "| in-process memory per cached token (JWT $JWT_LEN B) | $PER_TOKEN B | ≤ JWT + 256 = $((JWT_LEN + 256)) B: $(verdict "$PER_TOKEN <= $JWT_LEN + 256") |"
     echo "| Redis used_memory per key | $REDIS_PER_TOKEN B | reported |"
     echo
     echo "### Local hits (Redis configured, in-process tier on)"
     echo
-    echo "| round | tokens | req/s | ÷ 1k | server CPU µs per Check | loadgen CPU |"
-    echo "| --- | ---: | ---: | ---: | ---: | ---: |"
+    echo "| round | tokens | req/s | ÷ 1k | server CPU µs per Check | per core ÷ 1k | loadgen CPU |"
+    echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
     cat "$WORK/local.rows"
     echo
     echo "### Redis hits (\`--local-cache-ttl 0\`)"
     echo
-    echo "| round | tokens | req/s | ÷ 1k | server CPU µs per Check | loadgen CPU |"
-    echo "| --- | ---: | ---: | ---: | ---: | ---: |"
+    echo "| round | tokens | req/s | ÷ 1k | server CPU µs per Check | per core ÷ 1k | loadgen CPU |"
+    echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
     cat "$WORK/redis.rows"
 } >"$OUT"
 log "local $LOCAL_MEDIAN, Redis $REDIS_MEDIAN, $PER_TOKEN B per token in process, $REDIS_PER_TOKEN B per Redis key; written to $OUT"
