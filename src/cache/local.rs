@@ -123,14 +123,8 @@ impl<V: Clone + Weigh> LocalCache<V> {
         if since.is_some_and(|since| since.0 != *generation) {
             return false;
         }
-        // Replacing a value is not an eviction: its bytes are given back here. (Peeked, not
-        // removed: a removal would also forget the key's ghost, which readmits it as hot.)
-        if let Some(old) = self.map.peek(&key) {
-            self.bytes
-                .fetch_sub(entry_size(&old.value), Ordering::Relaxed);
-        }
         // Counted before the insert, which may evict (and uncount) entries, this one included
-        // when it does not fit its shard.
+        // when it does not fit its shard; a value it replaces is uncounted the same way.
         self.bytes.fetch_add(size, Ordering::Relaxed);
         self.map.insert(key, Entry { value, expires });
         drop(generation);
@@ -222,7 +216,7 @@ impl<V: Weigh> quick_cache::Weighter<CacheKey, Entry<V>> for Shares {
     }
 }
 
-/// Gives an evicted entry's bytes back.
+/// Gives an evicted or replaced entry's bytes back.
 #[derive(Clone)]
 struct Evicted(Arc<AtomicU64>);
 
