@@ -18,6 +18,7 @@ use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, 
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+use prost::Message as _;
 use tonic::transport::{Channel, Endpoint};
 
 #[derive(Parser)]
@@ -44,14 +45,24 @@ struct Args {
     /// Stop after this many requests (warm-up included), e.g. to fill a cache.
     #[arg(long)]
     requests: Option<u64>,
-    /// `same`: one token (or `--pool` tokens in turn). `unique`: a new token per request.
-    /// `mixed`: a small pool, with some inactive, some unavailable and some token-less requests.
+    /// `same`: one token (or `--pool` tokens in turn). `uniform`: one of the same `--pool`
+    /// tokens drawn uniformly at random (seeded, so runs repeat). `unique`: a new token per
+    /// request. `mixed`: a small pool, with some inactive, some unavailable and some token-less
+    /// requests.
     #[arg(long, value_enum, default_value = "same")]
     tokens: Tokens,
     /// With `--tokens same`: how many tokens to take turns with. Above the concurrency, no two
     /// requests in flight share a token, so a server cannot merge their lookups.
     #[arg(long, default_value_t = 1)]
     pool: u64,
+    /// Names this run's tokens; by default each run's are new. A `--tokens same --pool N
+    /// --requests N` run fills caches with exactly the tokens a later `--tokens uniform --pool
+    /// N` run with the same `--run` draws from.
+    #[arg(long)]
+    run: Option<u64>,
+    /// Write the first request as one gRPC message (for `h2load -d`) to this file and exit.
+    #[arg(long)]
+    write_request: Option<std::path::PathBuf>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -68,6 +79,7 @@ struct Args {
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Tokens {
     Same,
+    Uniform,
     Unique,
     Mixed,
 }
@@ -111,6 +123,9 @@ async fn run(args: Args) -> Result<(), String> {
     if args.connections == 0 || args.concurrency == 0 {
         return Err("--connections and --concurrency must be at least 1".into());
     }
+    if let Some(path) = &args.write_request {
+        return write_request(path, &args);
+    }
     let endpoint = Endpoint::from_shared(args.target.clone())
         .map_err(|e| format!("--target {}: {e}", args.target))?
         .tcp_nodelay(true)
@@ -126,21 +141,7 @@ async fn run(args: Args) -> Result<(), String> {
     }
 
     let start = Instant::now();
-    let measure_from = start + args.warmup;
-    let plan = Arc::new(Plan {
-        tokens: args.tokens,
-        pool: args.pool.max(1),
-        run: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64),
-        template: template(),
-        next: AtomicU64::new(0),
-        start,
-        measure_from,
-        end: measure_from + args.duration,
-        rate: args.rate.filter(|r| *r > 0.0),
-        limit: args.requests.unwrap_or(u64::MAX),
-    });
+    let plan = Arc::new(plan(&args, start));
     let workers: Vec<_> = (0..args.concurrency)
         .map(|i| {
             let client = AuthorizationClient::new(channels[i % channels.len()].clone());
@@ -157,9 +158,40 @@ async fn run(args: Args) -> Result<(), String> {
     }
     let elapsed = Instant::now()
         .min(plan.end)
-        .saturating_duration_since(measure_from);
+        .saturating_duration_since(plan.measure_from);
     report(&args, total, elapsed);
     Ok(())
+}
+
+fn plan(args: &Args, start: Instant) -> Plan {
+    let measure_from = start + args.warmup;
+    Plan {
+        tokens: args.tokens,
+        pool: args.pool.max(1),
+        run: args.run.unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+        }),
+        template: template(),
+        next: AtomicU64::new(0),
+        start,
+        measure_from,
+        end: measure_from + args.duration,
+        rate: args.rate.filter(|r| *r > 0.0),
+        limit: args.requests.unwrap_or(u64::MAX),
+    }
+}
+
+/// Writes request 0 framed as gRPC sends it: a zero compression flag, a big-endian length, and
+/// the protobuf.
+fn write_request(path: &std::path::Path, args: &Args) -> Result<(), String> {
+    let body = check_request(&plan(args, Instant::now()), 0).encode_to_vec();
+    let mut framed = Vec::with_capacity(5 + body.len());
+    framed.push(0);
+    framed.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&body);
+    std::fs::write(path, framed).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 async fn worker(mut client: AuthorizationClient<Channel>, plan: Arc<Plan>) -> Tally {
@@ -267,6 +299,11 @@ fn token_for(plan: &Plan, n: u64) -> Option<String> {
     let run = plan.run;
     match plan.tokens {
         Tokens::Same => Some(format!("same-{run:x}-{}", n % plan.pool)),
+        // Multiply-shift scales the 64-bit draw onto the pool.
+        Tokens::Uniform => {
+            let i = (u128::from(splitmix64(run ^ n)) * u128::from(plan.pool)) >> 64;
+            Some(format!("same-{run:x}-{i}"))
+        }
         Tokens::Unique => Some(format!("unique-{run:x}-{n}")),
         // 85% a pool of 16 users, 7% inactive, 5% no token, 3% IdP unavailable.
         Tokens::Mixed => match n % 100 {
@@ -276,6 +313,14 @@ fn token_for(plan: &Plan, n: u64) -> Option<String> {
             _ => Some(format!("unavailable-{run:x}-{n}")),
         },
     }
+}
+
+/// SplitMix64's output function: a well-spread 64-bit value for each `n`, without shared state.
+fn splitmix64(n: u64) -> u64 {
+    let mut z = n.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 fn report(args: &Args, mut tally: Tally, elapsed: Duration) {

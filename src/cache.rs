@@ -16,8 +16,9 @@ use crate::jwt::Claims;
 use crate::token::{CacheKey, Token};
 
 /// The `Authorization` value forwarded upstream, `Bearer <JWT>`, built once per cache entry and
-/// shared by every response that uses it.
-pub type Authorization = Arc<str>;
+/// shared, inside its [`Grant`], by every response that uses it (boxed rather than reference
+/// counted on its own: 16 bytes less on each of a million entries).
+pub type Authorization = Box<str>;
 
 /// Builds the forwarded `Authorization` value for a JWT.
 pub fn bearer(jwt: &str) -> Authorization {

@@ -1,24 +1,35 @@
 //! The in-process tier: a bounded map from token digest to what was decided for the token (a
 //! grant, or nothing but the fact that it is inactive).
 //!
-//! Bounded by entries and by bytes. When full it first drops expired entries, then an eighth of
-//! the rest; keys are SHA-256 digests, so the map's iteration order is effectively random and
-//! this is random replacement at amortised O(1) per insert, with no ordering structure to pay for.
+//! Bounded by entries and by bytes, and kept by `quick_cache`: sharded, and when full it evicts
+//! by S3-FIFO (a small probation queue, a main queue with reference bits, and ghost entries
+//! that readmit a recently evicted key straight into the main queue). On a Zipf-like stream
+//! over ten times the cap it keeps 13–18 points more of the hits than dropping a random eighth
+//! when full did, as many as `moka`'s W-TinyLFU, holds a million entries in 75 bytes each
+//! beyond their values (a plain map of `Instant`s took 120), and evicts in O(1) per insert,
+//! never sweeping the map under a lock (`examples/cache_policy.rs` measures all of this).
 
-use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::metrics;
 use crate::token::CacheKey;
 
-/// Bytes counted per entry on top of the value: key, map slot and allocation headers.
+/// Bytes counted per entry on top of the value: key, expiry, slot and allocation headers.
 const ENTRY_OVERHEAD: u64 = 96;
 
 pub struct LocalCache<V> {
-    inner: Mutex<Inner<V>>,
-    max_entries: usize,
+    map: quick_cache::sync::Cache<CacheKey, Entry<V>, Shares, DigestHash, Evicted>,
+    /// Evictions so far, behind the lock every store and removal takes: a store checks it and
+    /// inserts without one slipping in between. Lookups take no part in it.
+    generation: Mutex<u64>,
+    /// Accounted bytes held; changed only under `generation`'s lock (evictions happen inside
+    /// stores).
+    bytes: Arc<AtomicU64>,
+    /// Expiry times are kept as nanoseconds since this instant: half the size of an `Instant`.
+    epoch: Instant,
     max_bytes: u64,
     /// Whether this instance is the one the size gauges describe.
     gauges: bool,
@@ -29,26 +40,28 @@ pub struct LocalCache<V> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Generation(u64);
 
-struct Inner<V> {
-    map: HashMap<CacheKey, Entry<V>, DigestHash>,
-    bytes: u64,
-    generation: u64,
-}
-
+#[derive(Clone)]
 struct Entry<V> {
     value: V,
-    expires: Instant,
+    /// Nanoseconds after the cache's epoch.
+    expires: u64,
 }
 
 impl<V: Clone + Weigh> LocalCache<V> {
     pub fn new(max_entries: usize, max_bytes: u64) -> Self {
+        let shares = Shares::new(max_entries, max_bytes);
+        let bytes = Arc::new(AtomicU64::new(0));
         Self {
-            inner: Mutex::new(Inner {
-                map: HashMap::with_hasher(DigestHash::random()),
-                bytes: 0,
-                generation: 0,
-            }),
-            max_entries,
+            map: quick_cache::sync::Cache::with(
+                max_entries,
+                shares.capacity(),
+                shares,
+                DigestHash::random(),
+                Evicted(bytes.clone()),
+            ),
+            generation: Mutex::new(0),
+            bytes,
+            epoch: Instant::now(),
             max_bytes,
             gauges: true,
         }
@@ -63,23 +76,23 @@ impl<V: Clone + Weigh> LocalCache<V> {
 
     /// Where evictions stand now; see [`LocalCache::put_since`].
     pub fn generation(&self) -> Generation {
-        Generation(
-            self.inner
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .generation,
-        )
+        Generation(*self.lock())
     }
 
     /// The live entry for `key`, if any.
     pub fn get(&self, key: &CacheKey) -> Option<V> {
-        let now = Instant::now();
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = inner.map.get(key)?;
+        let now = self.now();
+        let entry = self.map.get(key)?;
         if entry.expires > now {
-            return Some(entry.value.clone());
+            return Some(entry.value);
         }
-        inner.remove(key);
+        let _generation = self.lock();
+        // Only the expired entry: a fresh one stored meanwhile stays.
+        if let Some((_, old)) = self.map.remove_if(key, |entry| entry.expires <= now) {
+            self.bytes
+                .fetch_sub(entry_size(&old.value), Ordering::Relaxed);
+        }
+        self.report();
         None
     }
 
@@ -102,91 +115,117 @@ impl<V: Clone + Weigh> LocalCache<V> {
         if size > self.max_bytes {
             return false;
         }
-        let now = Instant::now();
         // An absurd TTL saturates rather than overflowing the clock.
-        let expires = now
-            .checked_add(ttl)
-            .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600));
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if since.is_some_and(|since| since.0 != inner.generation) {
+        let expires = self
+            .now()
+            .saturating_add(u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX));
+        let generation = self.lock();
+        if since.is_some_and(|since| since.0 != *generation) {
             return false;
         }
-        inner.remove(&key);
-        if inner.map.len() >= self.max_entries || inner.bytes + size > self.max_bytes {
-            inner.make_room(now, self.max_entries, self.max_bytes);
-        }
-        inner.bytes += size;
-        inner.map.insert(key, Entry { value, expires });
-        self.report(&inner);
+        // Counted before the insert, which may evict (and uncount) entries, this one included
+        // when it does not fit its shard; a value it replaces is uncounted the same way.
+        self.bytes.fetch_add(size, Ordering::Relaxed);
+        self.map.insert(key, Entry { value, expires });
+        drop(generation);
+        self.report();
         true
     }
 
     /// Drops the entry for `key` (revocation), and refuses values read before now.
     pub fn remove(&self, key: &CacheKey) {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        inner.generation += 1;
-        inner.remove(key);
-        self.report(&inner);
+        let mut generation = self.lock();
+        *generation += 1;
+        if let Some((_, old)) = self.map.remove(key) {
+            self.bytes
+                .fetch_sub(entry_size(&old.value), Ordering::Relaxed);
+        }
+        drop(generation);
+        self.report();
     }
 
     /// Drops every entry: after missing evictions, nothing held can be trusted.
     pub fn clear(&self) {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        inner.generation += 1;
-        inner.map.clear();
-        inner.bytes = 0;
-        self.report(&inner);
+        let mut generation = self.lock();
+        *generation += 1;
+        self.map.clear();
+        self.bytes.store(0, Ordering::Relaxed);
+        drop(generation);
+        self.report();
     }
 
-    fn report(&self, inner: &Inner<V>) {
+    fn lock(&self) -> std::sync::MutexGuard<'_, u64> {
+        self.generation.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Nanoseconds since the epoch: 584 years before they wrap.
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn report(&self) {
         if self.gauges {
-            metrics::local_cache_size(inner.map.len(), inner.bytes);
+            let (entries, bytes) = self.size();
+            metrics::local_cache_size(entries, bytes);
         }
     }
 
     /// Entries and accounted bytes held now.
     pub fn size(&self) -> (usize, u64) {
-        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        (inner.map.len(), inner.bytes)
+        (self.map.len(), self.bytes.load(Ordering::Relaxed))
     }
 }
 
-impl<V: Weigh> Inner<V> {
-    fn remove(&mut self, key: &CacheKey) {
-        if let Some(old) = self.map.remove(key) {
-            self.bytes -= entry_size(&old.value);
+/// Both bounds in the one weight `quick_cache` keeps under its capacity: an entry weighs the
+/// larger of its share of the entry bound (1 / max entries) and its share of the byte bound
+/// (size / max bytes), counted in units of 1 / (max entries × max bytes). Weights adding up
+/// to at most one whole keep both bounds. Units are coarsened, weights rounded up and the
+/// capacity down, should the product not fit 62 bits.
+#[derive(Clone)]
+struct Shares {
+    max_entries: u128,
+    max_bytes: u128,
+    unit: u128,
+}
+
+impl Shares {
+    fn new(max_entries: usize, max_bytes: u64) -> Self {
+        let (max_entries, max_bytes) = ((max_entries as u128).max(1), u128::from(max_bytes).max(1));
+        Self {
+            max_entries,
+            max_bytes,
+            unit: (max_entries * max_bytes).div_ceil(1 << 62).max(1),
         }
     }
 
-    /// Drops expired entries, then enough others to leave an eighth of both bounds free.
-    fn make_room(&mut self, now: Instant, max_entries: usize, max_bytes: u64) {
-        let mut freed = 0;
-        self.map.retain(|_, entry| {
-            let keep = entry.expires > now;
-            if !keep {
-                freed += entry_size(&entry.value);
-            }
-            keep
-        });
-        self.bytes -= freed;
-        let target_entries = max_entries - max_entries / 8 - 1;
-        let target_bytes = max_bytes - max_bytes / 8;
-        if self.map.len() <= target_entries && self.bytes <= target_bytes {
-            return;
-        }
-        let mut victims = Vec::new();
-        let (mut entries, mut bytes) = (self.map.len(), self.bytes);
-        for (key, entry) in &self.map {
-            if entries <= target_entries && bytes <= target_bytes {
-                break;
-            }
-            entries -= 1;
-            bytes -= entry_size(&entry.value);
-            victims.push(*key);
-        }
-        for key in victims {
-            self.remove(&key);
-        }
+    fn capacity(&self) -> u64 {
+        (self.max_entries * self.max_bytes / self.unit) as u64
+    }
+
+    fn of(&self, size: u64) -> u64 {
+        let share = (u128::from(size) * self.max_entries).max(self.max_bytes);
+        u64::try_from(share.div_ceil(self.unit))
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+}
+
+impl<V: Weigh> quick_cache::Weighter<CacheKey, Entry<V>> for Shares {
+    fn weight(&self, _key: &CacheKey, entry: &Entry<V>) -> u64 {
+        self.of(entry_size(&entry.value))
+    }
+}
+
+/// Gives an evicted or replaced entry's bytes back.
+#[derive(Clone)]
+struct Evicted(Arc<AtomicU64>);
+
+impl<V: Weigh> quick_cache::Lifecycle<CacheKey, Entry<V>> for Evicted {
+    type RequestState = ();
+
+    fn on_evict(&self, _: &mut (), _key: CacheKey, entry: Entry<V>) {
+        self.0
+            .fetch_sub(entry_size(&entry.value), Ordering::Relaxed);
     }
 }
 
