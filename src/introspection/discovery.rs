@@ -13,8 +13,10 @@ use super::read_capped;
 /// credentials in `--issuer`).
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
-    #[error("{url}: unreachable")]
-    Unreachable { url: String },
+    /// `reason`: the transport error and its causes (refused, DNS, TLS, timeout); the URL
+    /// holds no credentials and no request body is sent.
+    #[error("{url}: unreachable: {reason}")]
+    Unreachable { url: String, reason: String },
     #[error("{url}: HTTP {status}")]
     Status { url: String, status: u16 },
     #[error("{url}: {problem}")]
@@ -89,8 +91,11 @@ pub async fn discover(client: &reqwest::Client, issuer: &str) -> Result<Url, Dis
             .await
         {
             Ok(response) => response,
-            Err(_) => {
-                last = Some(DiscoveryError::Unreachable { url });
+            Err(error) => {
+                last = Some(DiscoveryError::Unreachable {
+                    url,
+                    reason: causes(&error),
+                });
                 continue;
             }
         };
@@ -115,6 +120,21 @@ pub async fn discover(client: &reqwest::Client, issuer: &str) -> Result<Url, Dis
         url: issuer.to_owned(),
         problem: "no metadata URL",
     }))
+}
+
+/// The deepest useful text of a transport error: reqwest's own message names the URL again, its
+/// causes say what went wrong ("Connection refused", a certificate problem).
+fn causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut reasons = Vec::new();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        reasons.push(cause.to_string());
+        source = cause.source();
+    }
+    match reasons.last() {
+        Some(deepest) => deepest.clone(),
+        None => error.to_string(),
+    }
 }
 
 /// Checks a metadata document and takes its introspection endpoint. Its `issuer` must be the
@@ -215,5 +235,19 @@ mod tests {
                 "{body}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_server_is_reported_with_its_reason() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        // Nothing listens on port 1 of the loopback interface.
+        let error = discover(&reqwest::Client::new(), "http://127.0.0.1:1")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.starts_with("http://127.0.0.1:1/.well-known/") && error.contains("refused"),
+            "{error}"
+        );
     }
 }
