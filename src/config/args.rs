@@ -161,13 +161,14 @@ pub struct Args {
     #[arg(long)]
     pub jwt_issuer: Option<String>,
 
-    /// rfc7662 mode: the `aud` of every JWT signed, instead of the introspection answer's.
+    /// rfc7662 mode: the `aud` of JWTs signed from answers that carry none. An answer's own
+    /// `aud` is always kept: a token issued for another API is never relabelled for this one.
     #[arg(long)]
     pub jwt_audience: Option<String>,
 
     /// rfc7662 mode: claims of the introspection answer copied into the JWT as they are
-    /// (comma-separated or repeated), e.g. `username,email`. `sub`, `client_id`, `scope`, `aud`
-    /// and `exp` are always carried; `iss`, `iat`, `jti` are phantom-authz's own.
+    /// (comma-separated or repeated), e.g. `username,email`. `sub`, `client_id`, `scope`, `aud`,
+    /// `exp`, `cnf` and `act` are always carried; `iss`, `iat`, `jti` are phantom-authz's own.
     #[arg(long, value_delimiter = ',', value_name = "CLAIM")]
     pub jwt_forward_claims: Vec<String>,
 
