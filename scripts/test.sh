@@ -41,6 +41,11 @@ for gateway in nginx caddy; do
         apt_install "$gateway"
     fi
 done
+# The RS256 unit tests make their RSA key with openssl (ring cannot generate one).
+if ! command -v openssl >/dev/null 2>&1; then
+    echo "==> installing openssl"
+    apt_install openssl
+fi
 export PATH="$PATH:/usr/sbin"
 # The rfc7662 tests run a real OAuth server (npm oidc-provider) and verify JWTs with npm jose,
 # both pinned by tests/oidc/package-lock.json.
