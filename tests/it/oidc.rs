@@ -58,6 +58,16 @@ async fn verified(app: &App, authorization: Option<&str>) -> serde_json::Value {
         .unwrap_or_else(|reason| panic!("the JWT does not verify: {reason}"))
 }
 
+/// The service in rfc7662 mode against `provider`, introspecting as `gw-basic` and signing
+/// with a new ES256 key in `dir`, with `extra` flags.
+async fn basic_app(provider: &OidcProvider, dir: &Path, extra: &[&str]) -> App {
+    let key = key_file(dir, "signing.pem", "ES256");
+    let url = provider.introspection_url();
+    let mut flags = rfc7662_flags(&url, key_path(&key), "gw-basic", "gw-basic-secret");
+    flags.extend_from_slice(extra);
+    App::launch(&flags).await
+}
+
 fn key_path(path: &Path) -> &str {
     path.to_str().unwrap()
 }
@@ -126,15 +136,7 @@ async fn the_tokens_exp_ends_its_cache_entry() {
         ..OidcOptions::default()
     });
     let dir = tempfile::tempdir().unwrap();
-    let key = key_file(dir.path(), "signing.pem", "ES256");
-    let url = provider.introspection_url();
-    let app = App::launch(&rfc7662_flags(
-        &url,
-        key_path(&key),
-        "gw-basic",
-        "gw-basic-secret",
-    ))
-    .await;
+    let app = basic_app(&provider, dir.path(), &[]).await;
     let mut client = app.client().await;
 
     let token = provider.token().await;
@@ -163,18 +165,15 @@ async fn the_tokens_exp_ends_its_cache_entry() {
 async fn a_token_revoked_at_the_server_is_denied_once_evicted() {
     let provider = OidcProvider::start(OidcOptions::default());
     let dir = tempfile::tempdir().unwrap();
-    let key = key_file(dir.path(), "signing.pem", "ES256");
     let admin_token = dir.path().join("admin-token");
     std::fs::write(&admin_token, "admin-Secret-0123456789abcdef\n").unwrap();
-    let url = provider.introspection_url();
-    let mut flags = rfc7662_flags(&url, key_path(&key), "gw-basic", "gw-basic-secret");
-    flags.extend([
+    let admin = [
         "--admin-grpc-listen",
         "127.0.0.1:0",
         "--admin-token-file",
         key_path(&admin_token),
-    ]);
-    let app = App::launch(&flags).await;
+    ];
+    let app = basic_app(&provider, dir.path(), &admin).await;
     let mut client = app.client().await;
 
     let token = provider.token().await;
@@ -269,15 +268,7 @@ async fn the_endpoint_is_discovered_and_private_key_jwt_is_accepted() {
 async fn an_unknown_token_is_invalid_and_a_stopped_server_is_unavailable() {
     let mut provider = OidcProvider::start(OidcOptions::default());
     let dir = tempfile::tempdir().unwrap();
-    let key = key_file(dir.path(), "signing.pem", "ES256");
-    let url = provider.introspection_url();
-    let app = App::launch(&rfc7662_flags(
-        &url,
-        key_path(&key),
-        "gw-basic",
-        "gw-basic-secret",
-    ))
-    .await;
+    let app = basic_app(&provider, dir.path(), &[]).await;
     let mut client = app.client().await;
 
     let unknown = check(&mut client, bearer_request("NeverIssuedByThisServer0123")).await;

@@ -86,6 +86,19 @@ async fn evict_through(app: &App, token: &str) -> phantom_authz::admin::proto::E
     .unwrap()
 }
 
+/// `token`, allowed by `b`, revoked at the IdP and evicted through `a`: both replicas confirm,
+/// and `b` denies it from then on.
+async fn evicted_everywhere(a: &App, b: &App, revoked: &Mutex<HashSet<String>>, token: &str) {
+    assert_eq!(status(b, token).await, 200);
+    revoked.lock().unwrap().insert(token.to_owned());
+    let eviction = evict_through(a, token).await;
+    assert_eq!(
+        (eviction.replicas_notified, eviction.replicas_confirmed),
+        (2, 2)
+    );
+    assert_eq!(status(b, token).await, 401);
+}
+
 /// Waits until `condition` holds, failing with `what` past `timeout`.
 async fn wait_for(what: &str, timeout: Duration, condition: impl AsyncFnMut() -> bool) {
     assert!(eventually(timeout, condition).await, "{what}");
@@ -273,15 +286,7 @@ async fn behind_sentinel_replicas_share_and_follow_a_failover() {
     .await;
     assert_eq!(before, 2, "sharing needed retries before any failure");
     // An eviction through A reaches B.
-    let token = tokens.next().unwrap();
-    assert_eq!(status(&b, &token).await, 200);
-    revoked.lock().unwrap().insert(token.clone());
-    let eviction = evict_through(&a, &token).await;
-    assert_eq!(
-        (eviction.replicas_notified, eviction.replicas_confirmed),
-        (2, 2)
-    );
-    assert_eq!(status(&b, &token).await, 401);
+    evicted_everywhere(&a, &b, &revoked, &tokens.next().unwrap()).await;
 
     set.master.kill();
     let heir = set.replica.port;
@@ -297,13 +302,5 @@ async fn behind_sentinel_replicas_share_and_follow_a_failover() {
         eviction_subscribers_on(heir) == 2
     })
     .await;
-    let token = tokens.next().unwrap();
-    assert_eq!(status(&b, &token).await, 200);
-    revoked.lock().unwrap().insert(token.clone());
-    let eviction = evict_through(&a, &token).await;
-    assert_eq!(
-        (eviction.replicas_notified, eviction.replicas_confirmed),
-        (2, 2)
-    );
-    assert_eq!(status(&b, &token).await, 401);
+    evicted_everywhere(&a, &b, &revoked, &tokens.next().unwrap()).await;
 }
