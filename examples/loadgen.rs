@@ -14,10 +14,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, ValueEnum};
-use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
-use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+use phantom_authz::token;
 use prost::Message as _;
 use tonic::transport::{Channel, Endpoint};
 
@@ -60,9 +61,6 @@ struct Args {
     /// N` run with the same `--run` draws from.
     #[arg(long)]
     run: Option<u64>,
-    /// Write the first request as one gRPC message (for `h2load -d`) to this file and exit.
-    #[arg(long)]
-    write_request: Option<std::path::PathBuf>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -123,9 +121,6 @@ async fn run(args: Args) -> Result<(), String> {
     if args.connections == 0 || args.concurrency == 0 {
         return Err("--connections and --concurrency must be at least 1".into());
     }
-    if let Some(path) = &args.write_request {
-        return write_request(path, &args);
-    }
     let endpoint = Endpoint::from_shared(args.target.clone())
         .map_err(|e| format!("--target {}: {e}", args.target))?
         .tcp_nodelay(true)
@@ -181,17 +176,6 @@ fn plan(args: &Args, start: Instant) -> Plan {
         rate: args.rate.filter(|r| *r > 0.0),
         limit: args.requests.unwrap_or(u64::MAX),
     }
-}
-
-/// Writes request 0 framed as gRPC sends it: a zero compression flag, a big-endian length, and
-/// the protobuf.
-fn write_request(path: &std::path::Path, args: &Args) -> Result<(), String> {
-    let body = check_request(&plan(args, Instant::now()), 0).encode_to_vec();
-    let mut framed = Vec::with_capacity(5 + body.len());
-    framed.push(0);
-    framed.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    framed.extend_from_slice(&body);
-    std::fs::write(path, framed).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 async fn worker(mut client: AuthorizationClient<Channel>, plan: Arc<Plan>) -> Tally {
@@ -254,18 +238,10 @@ fn check_request(plan: &Plan, n: u64) -> CheckRequest {
     if let Some(token) = token_for(plan, n) {
         headers.insert("authorization".into(), format!("Bearer {token}"));
     }
-    CheckRequest {
-        attributes: Some(AttributeContext {
-            request: Some(Request {
-                http: Some(HttpRequest {
-                    headers,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-    }
+    token::check_request(HttpRequest {
+        headers,
+        ..Default::default()
+    })
 }
 
 /// The Check `--write-check` writes: the template's headers, a request id and the token, as
@@ -274,19 +250,11 @@ fn write_check(path: &std::path::Path, token: &str) -> Result<(), String> {
     let mut headers = template();
     headers.insert("x-request-id".into(), "bench".into());
     headers.insert("authorization".into(), format!("Bearer {token}"));
-    let request = CheckRequest {
-        attributes: Some(AttributeContext {
-            request: Some(Request {
-                http: Some(HttpRequest {
-                    headers,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-    };
-    let body = prost::Message::encode_to_vec(&request);
+    let request = token::check_request(HttpRequest {
+        headers,
+        ..Default::default()
+    });
+    let body = request.encode_to_vec();
     let length = u32::try_from(body.len()).map_err(|_| "request too large".to_owned())?;
     let mut message = vec![0];
     message.extend_from_slice(&length.to_be_bytes());

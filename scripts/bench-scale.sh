@@ -21,102 +21,50 @@
 #   BENCH_TOKENS=200000 BENCH_PAIRS=1 scripts/bench-scale.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+BENCH_SCRIPT=bench-scale.sh
+BENCH_PAIRS=${BENCH_PAIRS:-3}
+# shellcheck source=scripts/bench-lib.sh
+. scripts/bench-lib.sh
 TOKENS=${BENCH_TOKENS:-1000000}
-PAIRS=${BENCH_PAIRS:-3}
 DURATION=${BENCH_DURATION:-8s}
 JWT_BYTES=1000
-SERVER_CPU=0
-LOAD_CPU=1
 RUN=7
 OUT=bench/scale-results.md
 
-log() { printf '== %s\n' "$*" >&2; }
-die() { printf 'bench-scale.sh: %s\n' "$*" >&2; exit 1; }
-need() { # need COMMAND DEBIAN_PACKAGE
-    command -v "$1" >/dev/null 2>&1 && return
-    log "installing $2 (for $1)"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
-    command -v "$1" >/dev/null 2>&1 || die "$1 still missing after installing $2"
-}
 need redis-server redis-server
 need redis-cli redis-tools
-need h2load nghttp2-client
-need taskset util-linux
-need curl curl
-[ "$(nproc)" -ge 2 ] || die "needs at least 2 CPUs"
 [ "$TOKENS" -ge 100000 ] || die "BENCH_TOKENS must be at least 100000"
 
-cargo build --locked --release --bin phantom-authz --example scripted_idp --example loadgen
-BIN=${CARGO_TARGET_DIR:-target}/release
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-wait_for() { # wait_for FILE REGEX: the first matching line, within 20 s
-    local i
-    for i in $(seq 200); do
-        if grep -qE "$2" "$1" 2>/dev/null; then
-            grep -m1 -E "$2" "$1" | sed 's/\x1b\[[0-9;]*m//g'
-            return
-        fi
-        sleep 0.1
-    done
-    cat "$1" >&2 || true
-    die "timed out waiting for '$2' in $1"
-}
-free_port() {
-    local port
-    while :; do
-        port=$((20000 + RANDOM % 30000))
-        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || { echo "$port"; return; }
-    done
-}
-calc() { awk "BEGIN { printf \"%.${2:-2}f\", $1 }"; }
+build --bin phantom-authz --example scripted_idp --example loadgen
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
-cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 metric() { curl -sf "http://$PA_ADMIN/metrics" | awk -v k="$1" '$1 == k { print $2 }'; }
 idp_calls() { curl -sf "http://$IDP/stats" | awk '$1 == "calls" { print $2 }'; }
 redis_memory() { redis-cli -p "$REDIS_PORT" info memory | tr -d '\r' | awk -F: '$1 == "used_memory" { print $2 }'; }
 redis_keys() { redis-cli -p "$REDIS_PORT" dbsize | tr -d '\r'; }
-median() { sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
 TICK=$(getconf CLK_TCK)
 
-start_phantom() { # start_phantom ARGS...: sets PA_GRPC, PA_ADMIN, PA_PID
-    local err="$WORK/phantom-authz.$RANDOM.err" line
-    NO_COLOR=1 RUST_LOG=warn,phantom_authz=info taskset -c "$SERVER_CPU" "$BIN/phantom-authz" \
-        --grpc-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
-        --introspection-url "http://$IDP/oauth/v2/oauth-introspect" \
-        --client-id bench --client-secret bench-secret \
-        --redis-url "redis://127.0.0.1:$REDIS_PORT" --cache-secret-file "$WORK/cache-secret" \
-        --max-cache-ttl 1h --redis-timeout 1s "$@" 2>"$err" &
-    PA_PID=$!; PIDS+=("$PA_PID")
-    line=$(wait_for "$err" 'phantom-authz listening')
-    PA_GRPC=$(grep -oE 'grpc=[0-9.:]+' <<<"$line" | cut -d= -f2)
-    PA_ADMIN=$(grep -oE 'admin=[0-9.:]+' <<<"$line" | cut -d= -f2)
+# scale_phantom ARGS...: phantom-authz on the benchmark's Redis, entries living an hour; sets
+# PA_GRPC, PA_ADMIN and PA_PID.
+scale_phantom() {
+    start_phantom --redis-url "redis://127.0.0.1:$REDIS_PORT" --cache-secret-file "$WORK/cache-secret" \
+        --max-cache-ttl 1h --redis-timeout 1s "$@"
 }
 
 # measure NAME POOL: one loadgen run drawing uniformly from the first POOL tokens; prints
 # "req/s server-µs-per-Check loadgen-CPU%" and fails on any denial, error or IdP call.
 measure() {
-    local calls0 ticks0 ticks1 times json requests rps
+    local calls0 ticks0 ticks1 cpu json requests rps
     calls0=$(idp_calls); ticks0=$(cpu_ticks "$PA_PID")
-    times=$( { TIMEFORMAT='%U %S %R'; time taskset -c "$LOAD_CPU" "$BIN/examples/loadgen" \
-        --target "http://$PA_GRPC" --tokens uniform --pool "$2" --run "$RUN" --warmup 0s \
-        --duration "$DURATION" --json >"$WORK/$1.json"; } 2>&1 )
+    cpu=$(timed "$1" "$BIN/examples/loadgen" --target "http://$PA_GRPC" --tokens uniform \
+        --pool "$2" --run "$RUN" --warmup 0s --duration "$DURATION" --json)
     ticks1=$(cpu_ticks "$PA_PID")
-    json=$(cat "$WORK/$1.json")
+    json=$(cat "$WORK/$1.out")
     grep -q '"denied":0,"errors":0' <<<"$json" || die "$1: not all allowed: $json"
     [ "$(idp_calls)" = "$calls0" ] || die "$1: a token was introspected again (not a cache hit)"
     requests=$(grep -oE '"requests":[0-9]+' <<<"$json" | cut -d: -f2)
     rps=$(grep -oE '"rps":[0-9.]+' <<<"$json" | cut -d: -f2)
-    awk -v rps="$rps" -v n="$requests" -v t="$times" -v d="$((ticks1 - ticks0))" -v hz="$TICK" \
-        'BEGIN { split(t, a, " "); printf "%.0f %.1f %.0f\n", rps, 1e6 * d / hz / n, 100 * (a[1] + a[2]) / a[3] }'
+    awk -v rps="$rps" -v n="$requests" -v cpu="$cpu" -v d="$((ticks1 - ticks0))" -v hz="$TICK" \
+        'BEGIN { printf "%.0f %.1f %s\n", rps, 1e6 * d / hz / n, cpu }'
 }
 
 # rounds PREFIX: BENCH_PAIRS rounds over 1k, 100k and TOKENS, the order reversed every other
@@ -143,26 +91,24 @@ rounds() {
 }
 
 REDIS_PORT=$(free_port)
-taskset -c "$SERVER_CPU" redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save '' \
+"${PRIO[@]}" taskset -c "$SERVER_CPU" redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save '' \
     --appendonly no --daemonize no >"$WORK/redis.out" 2>&1 &
 PIDS+=("$!")
 wait_for "$WORK/redis.out" 'Ready to accept connections' >/dev/null
 head -c 32 /dev/urandom | base64 >"$WORK/cache-secret"
-taskset -c "$SERVER_CPU" "$BIN/examples/scripted_idp" --listen 127.0.0.1:0 --jwt-bytes "$JWT_BYTES" \
-    --max-age 3600 >"$WORK/idp.out" 2>&1 &
-PIDS+=("$!")
-IDP=$(wait_for "$WORK/idp.out" '^listening ' | cut -d' ' -f2)
-LOADAVG_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+start_example scripted_idp --listen 127.0.0.1:0 --jwt-bytes "$JWT_BYTES" --max-age 3600
+IDP=$ADDR
+LOADAVG_BEFORE=$(loadavg)
 
 # --- fill: every token introspected once, through the service's own path ---------------------
 ENTRIES=$((TOKENS + TOKENS / 4))
-start_phantom --local-cache-ttl 1h --local-cache-max-entries "$ENTRIES" --local-cache-max-bytes 8GiB
+scale_phantom --local-cache-ttl 1h --local-cache-max-entries "$ENTRIES" --local-cache-max-bytes 8GiB
 fill() { # fill N: the first N tokens in turn, each introspected once; on a loaded machine an
     # introspection may time out (a 503), so passes repeat, hits for the tokens already cached,
     # until one pass is all allowed.
     local pass
     for pass in 1 2 3; do
-        taskset -c "$LOAD_CPU" "$BIN/examples/loadgen" --target "http://$PA_GRPC" --tokens same \
+        "${PRIO[@]}" taskset -c "$LOAD_CPU" "$BIN/examples/loadgen" --target "http://$PA_GRPC" --tokens same \
             --pool "$1" --requests "$1" --run "$RUN" --concurrency 128 --warmup 0s --duration 30m \
             --json >"$WORK/fill-$1.json"
         grep -q '"denied":0,"errors":0' "$WORK/fill-$1.json" && return
@@ -196,31 +142,28 @@ log "filled in $FILL_SECS s; in process $PER_TOKEN B per token, Redis $REDIS_PER
 # --- local hits ------------------------------------------------------------------------------
 rounds local
 # One token, h2load against loadgen: how much of the server's rate loadgen reaches.
-"$BIN/examples/loadgen" --tokens same --run "$RUN" --write-request "$WORK/check.bin"
-H2LOAD=$( { TIMEFORMAT='%U %S %R'; time taskset -c "$LOAD_CPU" h2load -n 200000 -c 4 -m 16 \
+"$BIN/examples/loadgen" --write-check "$WORK/check.bin" --token "same-$RUN-0"
+read -r H2LOAD_RPS H2LOAD_CPU _ < <(h2load_run h2load "$PA_PID" -n 200000 -c 4 -m 16 \
     -d "$WORK/check.bin" -H 'content-type: application/grpc' -H 'te: trailers' \
-    "http://$PA_GRPC/envoy.service.auth.v3.Authorization/Check" >"$WORK/h2load.out"; } 2>&1 )
-grep -q " 0 failed, 0 errored" "$WORK/h2load.out" || die "h2load saw errors: $(cat "$WORK/h2load.out")"
-H2LOAD_RPS=$(sed -n 's/^finished in [^,]*, \([0-9.]*\) req\/s.*/\1/p' "$WORK/h2load.out")
-H2LOAD_CPU=$(awk -v t="$H2LOAD" 'BEGIN { split(t, a, " "); printf "%.0f", 100 * (a[1] + a[2]) / a[3] }')
+    "http://$PA_GRPC/envoy.service.auth.v3.Authorization/Check")
 read -r ONE_RPS ONE_US ONE_CPU < <(measure one 1)
 log "one token: h2load $H2LOAD_RPS req/s (CPU $H2LOAD_CPU %), loadgen $ONE_RPS req/s (CPU $ONE_CPU %)"
-kill "$PA_PID"; wait "$PA_PID" 2>/dev/null || true
+stop "$PA_PID"
 
 # --- Redis hits ------------------------------------------------------------------------------
-start_phantom --local-cache-ttl 0
+scale_phantom --local-cache-ttl 0
 rounds redis
 
-LOADAVG_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
+LOADAVG_AFTER=$(loadavg)
 verdict() { if awk "BEGIN { exit !($1) }"; then echo "met"; else echo "**missed**"; fi; }
-LOCAL_MEDIAN=$(median <"$WORK/local.$TOKENS")
-LOCAL_100K=$(median <"$WORK/local.100000")
-REDIS_MEDIAN=$(median <"$WORK/redis.$TOKENS")
-REDIS_100K=$(median <"$WORK/redis.100000")
-LOCAL_CORE=$(median <"$WORK/local.core.$TOKENS")
-LOCAL_CORE_100K=$(median <"$WORK/local.core.100000")
-REDIS_CORE=$(median <"$WORK/redis.core.$TOKENS")
-REDIS_CORE_100K=$(median <"$WORK/redis.core.100000")
+LOCAL_MEDIAN=$(median $(cat "$WORK/local.$TOKENS"))
+LOCAL_100K=$(median $(cat "$WORK/local.100000"))
+REDIS_MEDIAN=$(median $(cat "$WORK/redis.$TOKENS"))
+REDIS_100K=$(median $(cat "$WORK/redis.100000"))
+LOCAL_CORE=$(median $(cat "$WORK/local.core.$TOKENS"))
+LOCAL_CORE_100K=$(median $(cat "$WORK/local.core.100000"))
+REDIS_CORE=$(median $(cat "$WORK/redis.core.$TOKENS"))
+REDIS_CORE_100K=$(median $(cat "$WORK/redis.core.100000"))
 mkdir -p bench
 {
     echo "# A million tokens: throughput and memory at scale"
