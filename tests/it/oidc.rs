@@ -1,7 +1,7 @@
 //! `--introspection-mode rfc7662` against a real OAuth server, npm `oidc-provider`: its access
 //! tokens exchanged for JWTs that phantom-authz signs and an independent JOSE library verifies,
 //! cached until the token's `exp`, revoked, discovered through `--issuer`, with each client
-//! authentication method the server accepts.
+//! authentication method the server accepts; and the mode's own start-up and shutdown edges.
 
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -9,8 +9,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use phantom_authz::metrics::INTROSPECTIONS;
 
 use crate::support::{
-    App, OidcOptions, OidcProvider, bearer_request, check, eventually, evict, free_port, key_file,
-    verify_jwt,
+    App, OidcOptions, OidcProvider, Service, bearer_request, check, eventually, evict, free_port,
+    key_file, run_binary, verify_jwt,
 };
 
 const JWT_ISSUER: &str = "https://phantom-authz.test";
@@ -281,4 +281,75 @@ async fn an_unknown_token_is_invalid_and_a_stopped_server_is_unavailable() {
     let verdict = check(&mut client, bearer_request(&token)).await;
     assert_eq!(verdict.http_status, 503, "{verdict:?}");
     assert!(verdict.header("authorization").is_none());
+}
+
+#[tokio::test]
+async fn a_service_still_discovering_stops_at_sigterm_without_waiting_out_the_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), "signing.pem", "ES256");
+    // Nothing listens there: discovery keeps retrying.
+    let issuer = format!("http://127.0.0.1:{}", free_port());
+    let mut service = Service::spawn(
+        &[
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--issuer",
+            &issuer,
+            "--introspection-mode",
+            "rfc7662",
+            "--client-id",
+            "gw-basic",
+            "--jwt-issuer",
+            JWT_ISSUER,
+            "--jwt-signing-key-file",
+            key_path(&key),
+            "--shutdown-grace",
+            "30s",
+        ],
+        &[("PHANTOM_AUTHZ_CLIENT_SECRET", "gw-basic-secret")],
+    );
+    let retrying = eventually(Duration::from_secs(10), async || {
+        service.log().contains("identity server discovery failed")
+    })
+    .await;
+    assert!(retrying, "{}", service.log());
+    service.signal("TERM");
+    let exit = service
+        .wait_exit(Duration::from_secs(5))
+        .expect("waited for a discovery that never ends");
+    assert_eq!(exit.code(), Some(0), "{exit:?}");
+}
+
+#[test]
+fn an_unreadable_key_file_is_one_clear_configuration_error() {
+    let (code, stderr) = run_binary(
+        &[
+            "--introspection-url",
+            "http://127.0.0.1:9/introspect",
+            "--introspection-mode",
+            "rfc7662",
+            "--client-id",
+            "gw",
+            "--client-secret",
+            "s3cr3t-value",
+            "--jwt-issuer",
+            JWT_ISSUER,
+            "--jwt-signing-key-file",
+            "/nonexistent/jwt-key.pem",
+        ],
+        &[],
+    );
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("--jwt-signing-key-file: cannot read /nonexistent/jwt-key.pem"),
+        "{stderr}"
+    );
+    // The cause once, not once per level of the error chain.
+    assert_eq!(
+        stderr.matches("No such file or directory").count(),
+        1,
+        "{stderr}"
+    );
 }
