@@ -3,6 +3,7 @@
 //! [`connection`]), and [`evictions`], how replicas tell each other to drop an entry. Allows
 //! are cached in both tiers, inactive tokens briefly in process only.
 
+pub mod batch;
 pub mod connection;
 pub mod evictions;
 pub mod local;
@@ -95,6 +96,22 @@ pub enum CacheError {
     /// The entry was there but did not decrypt or parse.
     #[error("cache entry failed to decrypt or parse")]
     Corrupt,
+}
+
+impl From<::redis::RedisError> for CacheError {
+    fn from(error: ::redis::RedisError) -> Self {
+        if error.is_timeout() {
+            CacheError::Timeout
+        } else {
+            CacheError::Redis(error.kind())
+        }
+    }
+}
+
+impl From<::redis::ParsingError> for CacheError {
+    fn from(_: ::redis::ParsingError) -> Self {
+        CacheError::Redis(::redis::ErrorKind::Parse)
+    }
 }
 
 /// The cache every replica shares.

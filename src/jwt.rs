@@ -81,26 +81,32 @@ fn bounded(value: &str) -> Option<Box<str>> {
 /// Checks the compact JWS shape (three non-empty base64url parts, a JSON object payload) and
 /// returns the payload's `exp`, in seconds since the epoch.
 pub fn exp(jwt: &str) -> Result<Option<u64>, Malformed> {
-    claims(jwt).map(|claims| claims.exp)
+    /// Only `exp` is read: the rest of the payload is skipped, not built (every Redis hit
+    /// checks its JWT this way).
+    #[derive(serde::Deserialize)]
+    struct Payload {
+        #[serde(default, deserialize_with = "present")]
+        exp: Option<serde_json::Value>,
+    }
+    /// `Some` even for `null`, which is no NumericDate.
+    fn present<'de, D: serde::Deserializer<'de>>(
+        value: D,
+    ) -> Result<Option<serde_json::Value>, D::Error> {
+        serde::Deserialize::deserialize(value).map(Some)
+    }
+    let payload = compact_payload(jwt).ok_or(NOT_A_JWT)?;
+    let payload = URL_SAFE_NO_PAD.decode(payload).map_err(|_| NOT_A_JWT)?;
+    // A JSON object, not an array a struct would also be read from.
+    if payload.trim_ascii_start().first() != Some(&b'{') {
+        return Err(NOT_A_JWT);
+    }
+    let Payload { exp } = serde_json::from_slice(&payload).map_err(|_| NOT_A_JWT)?;
+    exp.as_ref().map(numeric_date).transpose()
 }
 
 /// Checks the compact JWS shape and reads the claims phantom-authz uses.
 pub fn claims(jwt: &str) -> Result<Claims, Malformed> {
-    let mut parts = jwt.split('.');
-    let (Some(header), Some(payload), Some(signature), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(NOT_A_JWT);
-    };
-    let base64url = |part: &str| {
-        !part.is_empty()
-            && part
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    };
-    if !(base64url(header) && base64url(payload) && base64url(signature)) {
-        return Err(NOT_A_JWT);
-    }
+    let payload = compact_payload(jwt).ok_or(NOT_A_JWT)?;
     let payload = URL_SAFE_NO_PAD.decode(payload).map_err(|_| NOT_A_JWT)?;
     let payload: serde_json::Value = serde_json::from_slice(&payload).map_err(|_| NOT_A_JWT)?;
     let payload = payload.as_object().ok_or(NOT_A_JWT)?;
@@ -139,6 +145,32 @@ pub fn claims(jwt: &str) -> Result<Claims, Malformed> {
     Ok(claims)
 }
 
+/// The payload part of a compact JWS, if `jwt` has that shape.
+fn compact_payload(jwt: &str) -> Option<&str> {
+    let mut parts = jwt.split('.');
+    let (Some(header), Some(payload), Some(signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    let base64url =
+        |part: &str| !part.is_empty() && part.bytes().all(|b| BASE64URL[usize::from(b)]);
+    (base64url(header) && base64url(payload) && base64url(signature)).then_some(payload)
+}
+
+/// The base64url alphabet, as a table: a JWT's kilobyte is checked byte by byte on every
+/// Redis hit.
+const BASE64URL: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric() || c == b'-' || c == b'_';
+        b += 1;
+    }
+    table
+};
+
 /// An RFC 7519 NumericDate: seconds since the epoch, possibly fractional, rounded down (never
 /// trust a JWT past its expiry).
 pub fn numeric_date(value: &serde_json::Value) -> Result<u64, Malformed> {
@@ -160,6 +192,31 @@ pub(crate) mod tests {
             URL_SAFE_NO_PAD.encode(r#"{"alg":"RS256"}"#),
             URL_SAFE_NO_PAD.encode(payload)
         )
+    }
+
+    #[test]
+    fn exp_alone_reads_as_the_claims_do() {
+        for payload in [
+            r#"{"exp":2000000000}"#,
+            r#"{"sub":"a","nested":{"exp":1},"list":[1,{"x":null}],"exp":1999999999.9}"#,
+            r#"  {"iat":1}"#,
+            r#"{"exp":"soon"}"#,
+            r#"{"exp":null}"#,
+            r#"{"exp":-1}"#,
+            r#"[2000000000]"#,
+            r#""text""#,
+            r#"{"exp":1"#,
+        ] {
+            assert_eq!(
+                exp(&jwt(payload)),
+                claims(&jwt(payload)).map(|claims| claims.exp),
+                "{payload}"
+            );
+        }
+        assert_eq!(exp(&jwt(r#"[2000000000]"#)), Err(NOT_A_JWT));
+        for shape in ["a.b", "a.b.c.d", "a..c", "a.b.c=", "a.b+.c", "a.b.c\r\n"] {
+            assert_eq!(exp(shape), Err(NOT_A_JWT), "{shape}");
+        }
     }
 
     #[test]

@@ -194,6 +194,11 @@ impl Connection {
         Ok(listening.unwrap_or(reached))
     }
 
+    /// Whether one pipeline may hold any keys: not in a cluster, where it must stay in one slot.
+    pub fn pipelines_across_keys(&self) -> bool {
+        !matches!(self, Self::Cluster { .. })
+    }
+
     /// A command failed or timed out: with Sentinel, ask which server is master before the next
     /// one (the others follow failures by themselves).
     pub fn failed(&self) {

@@ -562,3 +562,69 @@ async fn a_thousand_concurrent_checks_of_one_new_token_call_the_idp_once() {
     assert_eq!(idp.calls(), 1);
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test]
+async fn concurrent_redis_hits_each_get_their_own_entry_and_a_bad_key_fails_only_its_own() {
+    let redis = Redis::start();
+    let idp = idp_with(None, 3600).await;
+    // The binary itself, on the runtime it runs in production: the scheduler decides whether
+    // lookups meet.
+    let service = Service::start(
+        &idp.url(),
+        "jwt",
+        &["--redis-url", &redis.url(), "--local-cache-ttl", "0"],
+    );
+    let tokens: Vec<String> = (0..64).map(|i| format!("pipelined-{i}")).collect();
+    let mut client = service.client().await;
+    for token in &tokens {
+        assert_eq!(
+            check(&mut client, bearer_request(token)).await.http_status,
+            200
+        );
+    }
+    let mut conn = redis.connection().await;
+    assert!(
+        eventually(Duration::from_secs(5), async || {
+            conn.keys::<_, Vec<String>>("*").await.unwrap().len() == tokens.len()
+        })
+        .await,
+        "the entries never all reached Redis"
+    );
+    // Someone with write access to Redis turns one token's key into a list.
+    let (name, _) = sealed_under(CACHE_SECRET, &tokens[0], "Bearer a.b.c");
+    let _: () = conn.del(&name).await.unwrap();
+    let _: () = conn.rpush(&name, "not a string").await.unwrap();
+    let calls = idp.calls();
+
+    // Lookups that meet travel in one pipeline: each Check must still get its own token's JWT.
+    let tasks: Vec<_> = tokens
+        .iter()
+        .map(|token| {
+            let mut client = client.clone();
+            let request = bearer_request(token);
+            tokio::spawn(async move { check(&mut client, request).await })
+        })
+        .collect();
+    for (token, task) in tokens.iter().zip(tasks) {
+        let verdict = task.await.unwrap();
+        assert_eq!(verdict.http_status, 200);
+        let jwt = verdict
+            .header("authorization")
+            .unwrap()
+            .strip_prefix("Bearer ");
+        let claims = phantom_authz::jwt::claims(jwt.unwrap()).unwrap();
+        assert_eq!(claims.sub.as_deref(), Some(token.as_str()));
+    }
+
+    // Only the token whose key is a list was introspected again; the others were Redis hits.
+    assert_eq!(idp.calls(), calls + 1);
+    assert_eq!(
+        service
+            .metric(
+                "phantom_authz_cache_lookups_total",
+                &[("tier", "redis"), ("result", "hit")]
+            )
+            .await,
+        63.0
+    );
+}
