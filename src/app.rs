@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -388,9 +387,7 @@ impl App {
             signal_health
                 .set_service_status("", tonic_health::ServingStatus::NotServing)
                 .await;
-            signal_health
-                .set_not_serving::<AuthorizationServer<CheckService>>()
-                .await;
+            signal_health.set_not_serving::<server::CheckServer>().await;
             let _ = deadline_tx.send(Some(deadline));
         });
 

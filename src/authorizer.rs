@@ -101,6 +101,12 @@ impl Authorizer {
             }
             self.count(Tier::Inactive, Lookup::Miss);
         }
+        // Boxed: a cache hit's future stays small, where the wait for a flight is not.
+        Box::pin(self.wait_for_flight(key, token)).await
+    }
+
+    /// Waits, within the Check's timeout, for the answer of the flight under way for `key`.
+    async fn wait_for_flight(self: &Arc<Self>, key: CacheKey, token: Token<'_>) -> Outcome {
         let mut answer = self.flight(key, token);
         let waited =
             tokio::time::timeout(self.ttls.check_timeout, answer.wait_for(Option::is_some));

@@ -3,6 +3,7 @@
 //! A denial is a normal `CheckResponse`, never an `Err(Status)`: Envoy relays the HTTP status and
 //! headers we choose to the client.
 
+use bytes::BufMut;
 use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
 use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
@@ -11,6 +12,7 @@ use envoy_types::pb::envoy::service::auth::v3::{
 };
 use envoy_types::pb::envoy::r#type::v3::{HttpStatus, StatusCode};
 use envoy_types::pb::google::rpc::Status;
+use prost::encoding::{self, WireType};
 use tonic::Code;
 
 use std::sync::Arc;
@@ -345,6 +347,192 @@ impl Responder {
     }
 }
 
+/// What a gRPC Check answers: an allow is written from its grant straight into the response
+/// buffer ([`Responder::encode_allow`]); anything else is a `CheckResponse` message.
+pub enum Answer {
+    Allow(Arc<Grant>),
+    /// Boxed: the allow, the hot variant, stays a pointer wide.
+    Message(Box<CheckResponse>),
+}
+
+impl Responder {
+    /// The answer to `outcome`.
+    pub fn answer(&self, outcome: Outcome) -> Answer {
+        match outcome {
+            Outcome::Allow(AllowedJwt(grant)) => Answer::Allow(grant),
+            denial => Answer::Message(Box::new(self.respond(&denial))),
+        }
+    }
+
+    /// Writes the `CheckResponse` that [`Responder::respond`] builds for an allow of `grant`,
+    /// in protobuf, without building it: every allow, cache hits included, would otherwise
+    /// copy the JWT into a message and hash the metadata into a map, only to encode both.
+    pub fn encode_allow(&self, grant: &Grant, buf: &mut impl BufMut) {
+        let claims = &grant.claims;
+        // Values of the claim headers the token has; none are configured by default.
+        let claim_headers: Vec<(&str, String)> = self
+            .claim_headers
+            .iter()
+            .filter_map(|(claim, header)| Some((*header, claim.value(claims)?)))
+            .collect();
+        let authorization = header_option_len("authorization", &grant.authorization);
+        let ok = field_len(OK_HEADERS, authorization)
+            + claim_headers
+                .iter()
+                .map(|(header, value)| field_len(OK_HEADERS, header_option_len(header, value)))
+                .sum::<usize>()
+            + self
+                .claim_headers
+                .iter()
+                .map(|(_, header)| field_len(OK_HEADERS_TO_REMOVE, header.len()))
+                .sum::<usize>();
+        let metadata = metadata_len(claims);
+
+        // CheckResponse.status: google.rpc.Status, code 0 (OK) and nothing else.
+        put_len(RESPONSE_STATUS, 0, buf);
+        put_len(RESPONSE_OK, ok, buf);
+        put_header_option("authorization", &grant.authorization, authorization, buf);
+        for (header, value) in &claim_headers {
+            put_header_option(header, value, header_option_len(header, value), buf);
+        }
+        for (_, header) in &self.claim_headers {
+            put_str(OK_HEADERS_TO_REMOVE, header, buf);
+        }
+        if metadata > 0 {
+            put_len(RESPONSE_METADATA, metadata, buf);
+            put_metadata(claims, buf);
+        }
+    }
+}
+
+// The protobuf field numbers [`Responder::encode_allow`] writes (envoy.service.auth.v3,
+// envoy.config.core.v3, google.protobuf), checked against prost's own encoding by the tests.
+const RESPONSE_STATUS: u32 = 1;
+const RESPONSE_OK: u32 = 3;
+const RESPONSE_METADATA: u32 = 4;
+const OK_HEADERS: u32 = 2;
+const OK_HEADERS_TO_REMOVE: u32 = 5;
+const OPTION_HEADER: u32 = 1;
+const OPTION_APPEND_ACTION: u32 = 3;
+const HEADER_KEY: u32 = 1;
+const HEADER_VALUE: u32 = 2;
+const STRUCT_FIELDS: u32 = 1;
+const ENTRY_KEY: u32 = 1;
+const ENTRY_VALUE: u32 = 2;
+const VALUE_NUMBER: u32 = 2;
+const VALUE_STRING: u32 = 3;
+
+/// Bytes of a length-delimited field holding `len` bytes.
+fn field_len(tag: u32, len: usize) -> usize {
+    encoding::key_len(tag) + encoding::encoded_len_varint(len as u64) + len
+}
+
+fn put_len(tag: u32, len: usize, buf: &mut impl BufMut) {
+    encoding::encode_key(tag, WireType::LengthDelimited, buf);
+    encoding::encode_varint(len as u64, buf);
+}
+
+fn put_str(tag: u32, value: &str, buf: &mut impl BufMut) {
+    put_len(tag, value.len(), buf);
+    buf.put_slice(value.as_bytes());
+}
+
+/// A `HeaderValueOption` that overwrites `key` with `value`, as [`overwrite`] builds it.
+fn header_option_len(key: &str, value: &str) -> usize {
+    let header = field_len(HEADER_KEY, key.len()) + field_len(HEADER_VALUE, value.len());
+    let action = HeaderAppendAction::OverwriteIfExistsOrAdd as u64;
+    field_len(OPTION_HEADER, header)
+        + encoding::key_len(OPTION_APPEND_ACTION)
+        + encoding::encoded_len_varint(action)
+}
+
+fn put_header_option(key: &str, value: &str, len: usize, buf: &mut impl BufMut) {
+    put_len(OK_HEADERS, len, buf);
+    put_len(
+        OPTION_HEADER,
+        field_len(HEADER_KEY, key.len()) + field_len(HEADER_VALUE, value.len()),
+        buf,
+    );
+    put_str(HEADER_KEY, key, buf);
+    put_str(HEADER_VALUE, value, buf);
+    encoding::encode_key(OPTION_APPEND_ACTION, WireType::Varint, buf);
+    encoding::encode_varint(HeaderAppendAction::OverwriteIfExistsOrAdd as u64, buf);
+}
+
+/// The string fields of [`metadata`] taken as they are (`scope` is joined as it is written,
+/// `exp` is a number).
+fn metadata_strings(claims: &Claims) -> [(&'static str, Option<&str>); 2] {
+    [
+        ("sub", claims.sub.as_deref()),
+        ("client_id", claims.client_id.as_deref()),
+    ]
+}
+
+fn scope_len(claims: &Claims) -> usize {
+    let spaces = claims.scopes.len().saturating_sub(1);
+    claims.scopes.iter().map(|scope| scope.len()).sum::<usize>() + spaces
+}
+
+/// One `Struct.fields` map entry whose value is `value_len` bytes of `Value`.
+fn entry_len(name: &str, value_len: usize) -> usize {
+    field_len(
+        STRUCT_FIELDS,
+        field_len(ENTRY_KEY, name.len()) + field_len(ENTRY_VALUE, value_len),
+    )
+}
+
+/// Bytes of the `Struct` of [`metadata`]; 0 when it has no field (and is left out).
+fn metadata_len(claims: &Claims) -> usize {
+    let mut len = 0;
+    for (name, value) in metadata_strings(claims) {
+        if let Some(value) = value {
+            len += entry_len(name, field_len(VALUE_STRING, value.len()));
+        }
+    }
+    if !claims.scopes.is_empty() {
+        len += entry_len("scope", field_len(VALUE_STRING, scope_len(claims)));
+    }
+    if claims.exp.is_some() {
+        len += entry_len("exp", encoding::key_len(VALUE_NUMBER) + 8);
+    }
+    len
+}
+
+fn put_entry(name: &str, value_len: usize, buf: &mut impl BufMut) {
+    put_len(
+        STRUCT_FIELDS,
+        field_len(ENTRY_KEY, name.len()) + field_len(ENTRY_VALUE, value_len),
+        buf,
+    );
+    put_str(ENTRY_KEY, name, buf);
+    put_len(ENTRY_VALUE, value_len, buf);
+}
+
+fn put_metadata(claims: &Claims, buf: &mut impl BufMut) {
+    for (name, value) in metadata_strings(claims) {
+        if let Some(value) = value {
+            put_entry(name, field_len(VALUE_STRING, value.len()), buf);
+            put_str(VALUE_STRING, value, buf);
+        }
+    }
+    if !claims.scopes.is_empty() {
+        let len = scope_len(claims);
+        put_entry("scope", field_len(VALUE_STRING, len), buf);
+        put_len(VALUE_STRING, len, buf);
+        for (i, scope) in claims.scopes.iter().enumerate() {
+            if i > 0 {
+                buf.put_u8(b' ');
+            }
+            buf.put_slice(scope.as_bytes());
+        }
+    }
+    if let Some(exp) = claims.exp {
+        put_entry("exp", encoding::key_len(VALUE_NUMBER) + 8, buf);
+        encoding::encode_key(VALUE_NUMBER, WireType::SixtyFourBit, buf);
+        buf.put_f64_le(exp as f64);
+    }
+}
+
 /// Who the caller is, for Envoy's access log, RBAC and rate limits
 /// (`%DYNAMIC_METADATA(envoy.filters.http.ext_authz:sub)%`): `sub`, `client_id`, `scope` and
 /// `exp`, those the token has.
@@ -544,6 +732,56 @@ mod tests {
             );
             assert_eq!(challenge(&response).as_deref(), www, "{outcome:?}");
             assert_eq!(outcome.row().decision, Decision::Deny);
+        }
+    }
+
+    #[test]
+    fn an_allow_written_from_its_grant_is_the_message_respond_builds() {
+        let claims = |sub: Option<&str>, client_id: Option<&str>, scopes: &[&str], exp| Claims {
+            exp,
+            sub: sub.map(Into::into),
+            client_id: client_id.map(Into::into),
+            scopes: scopes.iter().map(|&scope| scope.into()).collect(),
+            audiences: vec!["api".into(), "other".into()],
+        };
+        let grants = [
+            Claims::default(),
+            claims(Some("alice"), None, &[], Some(2_000_000_000)),
+            claims(Some("alice"), Some("web"), &["read", "write"], Some(1)),
+            claims(None, Some("svc"), &["only"], None),
+            // Past one byte of varint length, and a scope set past 127 bytes.
+            claims(
+                Some(&"s".repeat(300)),
+                None,
+                &[&"x".repeat(200), "y"],
+                Some(u64::MAX),
+            ),
+        ];
+        let responders = [
+            Responder::new("api", Vec::new()),
+            Responder::new(
+                "api",
+                vec![
+                    (ClaimName::Sub, "x-sub".to_owned()),
+                    (ClaimName::Scope, "x-scope".to_owned()),
+                    (ClaimName::Aud, "x-aud".to_owned()),
+                    (ClaimName::ClientId, "x-client".to_owned()),
+                ],
+            ),
+        ];
+        for responder in &responders {
+            for claims in &grants {
+                for jwt in ["a.b.c", &format!("h.{}.s", "p".repeat(2_000))] {
+                    let grant = Grant::new(jwt, claims.clone());
+                    let mut written = Vec::new();
+                    responder.encode_allow(&grant, &mut written);
+                    let outcome = Outcome::Allow(AllowedJwt(grant));
+                    let built = responder.respond(&outcome);
+                    assert_eq!(written.len(), prost::Message::encoded_len(&built));
+                    let decoded: CheckResponse = prost::Message::decode(&written[..]).unwrap();
+                    assert_eq!(decoded, built, "{claims:?}");
+                }
+            }
         }
     }
 

@@ -4,29 +4,32 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use envoy_types::pb::envoy::service::auth::v3::authorization_server::{
-    Authorization, AuthorizationServer,
-};
-use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
+use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::PrometheusHandle;
+use prost::Message as _;
 use tokio::net::TcpListener;
+use tonic::codec::{Codec, EncodeBuf, Encoder};
+use tonic::codegen::{Body, Service, StdError, http};
+use tonic::server::{NamedService, UnaryService};
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
+use tonic_prost::ProstDecoder;
 use tracing::Instrument as _;
 
 use crate::authorizer::Authorizer;
 use crate::config::GrpcLimits;
-use crate::decision::{AllowedJwt, Outcome, Responder};
+use crate::decision::{AllowedJwt, Answer, Outcome, Responder};
 use crate::metrics::{CheckMetrics, Transport};
 use crate::reflection;
 use crate::route::{Demand, RouteTable};
@@ -135,14 +138,103 @@ impl CheckService {
     }
 }
 
-#[tonic::async_trait]
-impl Authorization for CheckService {
-    async fn check(
-        &self,
-        request: Request<CheckRequest>,
-    ) -> Result<Response<CheckResponse>, Status> {
-        let outcome = self.judge(&request.into_inner(), Transport::Grpc).await;
-        Ok(Response::new(self.responder.respond(&outcome)))
+/// `envoy.service.auth.v3.Authorization` on tonic, answering through [`CheckCodec`]: the
+/// generated server would have every allow build a `CheckResponse` only to encode it.
+#[derive(Clone)]
+pub struct CheckServer {
+    service: Arc<CheckService>,
+    max_request_bytes: usize,
+}
+
+impl CheckServer {
+    pub fn new(service: Arc<CheckService>, max_request_bytes: usize) -> Self {
+        Self {
+            service,
+            max_request_bytes,
+        }
+    }
+}
+
+impl NamedService for CheckServer {
+    const NAME: &'static str = "envoy.service.auth.v3.Authorization";
+}
+
+const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
+
+impl<B> Service<http::Request<B>> for CheckServer
+where
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = crate::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if request.uri().path() != CHECK_PATH {
+            return Box::pin(async { Ok(Status::unimplemented("no such method").into_http()) });
+        }
+        let service = Arc::clone(&self.service);
+        let max_request_bytes = self.max_request_bytes;
+        Box::pin(async move {
+            let codec = CheckCodec(Arc::clone(&service));
+            let mut grpc = tonic::server::Grpc::new(codec)
+                .apply_max_message_size_config(Some(max_request_bytes), None);
+            Ok(grpc.unary(CheckMethod(service), request).await)
+        })
+    }
+}
+
+/// The Check method itself: the request decoded, the answer left for [`CheckCodec`] to write.
+struct CheckMethod(Arc<CheckService>);
+
+impl UnaryService<CheckRequest> for CheckMethod {
+    type Response = Answer;
+    type Future = crate::BoxFuture<'static, Result<Response<Answer>, Status>>;
+
+    fn call(&mut self, request: Request<CheckRequest>) -> Self::Future {
+        let service = Arc::clone(&self.0);
+        Box::pin(async move {
+            let outcome = service.judge(request.get_ref(), Transport::Grpc).await;
+            Ok(Response::new(service.responder.answer(outcome)))
+        })
+    }
+}
+
+/// Decodes `CheckRequest`s as prost does; writes an allow straight from its grant.
+struct CheckCodec(Arc<CheckService>);
+
+impl Codec for CheckCodec {
+    type Encode = Answer;
+    type Decode = CheckRequest;
+    type Encoder = Self;
+    type Decoder = ProstDecoder<CheckRequest>;
+
+    fn encoder(&mut self) -> Self {
+        CheckCodec(Arc::clone(&self.0))
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        ProstDecoder::default()
+    }
+}
+
+impl Encoder for CheckCodec {
+    type Item = Answer;
+    type Error = Status;
+
+    fn encode(&mut self, answer: Answer, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        match answer {
+            Answer::Allow(grant) => self.0.responder.encode_allow(&grant, buf),
+            Answer::Message(response) => response
+                .encode(buf)
+                .map_err(|_| Status::internal("the answer does not fit the buffer"))?,
+        }
+        Ok(())
     }
 }
 
@@ -167,9 +259,7 @@ pub async fn serve_grpc(
     limits: GrpcLimits,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    health
-        .set_serving::<AuthorizationServer<CheckService>>()
-        .await;
+    health.set_serving::<CheckServer>().await;
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let mut builder = tonic::transport::Server::builder()
         .max_concurrent_streams(Some(limits.max_concurrent_streams));
@@ -182,10 +272,7 @@ pub async fn serve_grpc(
             EXT_AUTHZ_DESCRIPTORS,
             HEALTH_DESCRIPTORS,
         ]))
-        .add_service(
-            AuthorizationServer::from_arc(service)
-                .max_decoding_message_size(limits.max_request_bytes),
-        )
+        .add_service(CheckServer::new(service, limits.max_request_bytes))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }
