@@ -104,7 +104,7 @@ fn cache_key(c: &mut Criterion) {
 
 fn respond(c: &mut Criterion) {
     let responder = Responder::new("api", Vec::new());
-    let allow = Outcome::Allow(AllowedJwt(Grant::new(&jwt_1k(), Default::default())));
+    let allow = Outcome::Allow(AllowedJwt(Grant::new(&jwt_1k(), &Default::default())));
     c.bench_function("Responder::respond/allow_1k_jwt", |b| {
         b.iter(|| responder.respond(black_box(&allow)))
     });
@@ -114,7 +114,7 @@ fn respond(c: &mut Criterion) {
         exp: Some(4_102_444_800),
         ..Default::default()
     };
-    let allow = Outcome::Allow(AllowedJwt(Grant::new(&jwt_1k(), claims)));
+    let allow = Outcome::Allow(AllowedJwt(Grant::new(&jwt_1k(), &claims)));
     c.bench_function("Responder::respond/allow_1k_jwt_sub_exp", |b| {
         b.iter(|| responder.respond(black_box(&allow)))
     });
@@ -143,7 +143,7 @@ fn local_cache_hit(c: &mut Criterion) {
         let key = key_of(&format!("Bearer {TOKEN}{i}"));
         cache.put(
             key,
-            Grant::new(&jwt_1k(), Default::default()),
+            Grant::new(&jwt_1k(), &Default::default()),
             Duration::from_secs(3600),
         );
     }
@@ -160,7 +160,7 @@ fn check_metrics(c: &mut Criterion) {
     let _local = ::metrics::set_default_local_recorder(&recorder);
     let check = CheckMetrics::new();
     let local = TierLookups::new(Tier::Local);
-    let allow = Outcome::Allow(AllowedJwt(Grant::new(&jwt_1k(), Default::default())));
+    let allow = Outcome::Allow(AllowedJwt(Grant::new(&jwt_1k(), &Default::default())));
     c.bench_function("CheckMetrics::finished/allow", |b| {
         b.iter(|| {
             check.finished(

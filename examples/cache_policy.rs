@@ -12,7 +12,7 @@
 //! ```
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
@@ -59,10 +59,10 @@ const TTL: Duration = Duration::from_secs(3600);
 
 /// The three caches behind the two calls a read-through needs.
 enum Cache {
-    Local(LocalCache<Arc<Grant>>),
+    Local(LocalCache<Grant>),
     Eighth(Eighth),
-    Quick(quick_cache::sync::Cache<CacheKey, Arc<Grant>>),
-    Moka(moka::sync::Cache<CacheKey, Arc<Grant>>),
+    Quick(quick_cache::sync::Cache<CacheKey, Grant>),
+    Moka(moka::sync::Cache<CacheKey, Grant>),
 }
 
 impl Cache {
@@ -84,7 +84,7 @@ impl Cache {
         }
     }
 
-    fn insert(&self, key: CacheKey, grant: &Arc<Grant>) {
+    fn insert(&self, key: CacheKey, grant: &Grant) {
         match self {
             Cache::Local(cache) => cache.put(key, grant.clone(), TTL),
             Cache::Eighth(cache) => cache.put(key, grant.clone()),
@@ -98,7 +98,7 @@ fn main() {
     let args = Args::parse();
     let grant = Grant::new(
         &format!("eyJhbGciOiJSUzI1NiJ9.{}.sig", "x".repeat(1000)),
-        Claims::default(),
+        &Claims::default(),
     );
     if let Some(policy) = args.memory {
         memory(policy, args.cap, &grant);
@@ -158,7 +158,7 @@ fn main() {
 /// The former policy, as it was: one map behind one lock; when full, expired entries go, then
 /// an eighth of the rest in the map's iteration order (keys are digests, so effectively random).
 struct Eighth {
-    map: Mutex<HashMap<CacheKey, (Arc<Grant>, Instant)>>,
+    map: Mutex<HashMap<CacheKey, (Grant, Instant)>>,
     cap: usize,
 }
 
@@ -170,7 +170,7 @@ impl Eighth {
         }
     }
 
-    fn get(&self, key: &CacheKey) -> Option<Arc<Grant>> {
+    fn get(&self, key: &CacheKey) -> Option<Grant> {
         let now = Instant::now();
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let (grant, expires) = map.get(key)?;
@@ -181,7 +181,7 @@ impl Eighth {
         None
     }
 
-    fn put(&self, key: CacheKey, grant: Arc<Grant>) {
+    fn put(&self, key: CacheKey, grant: Grant) {
         let now = Instant::now();
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         map.remove(&key);
@@ -230,7 +230,7 @@ fn splitmix64(mut z: u64) -> u64 {
 
 /// Fills one cache with `cap` distinct keys sharing `grant`: what the RSS grows by is the
 /// cache's own cost per entry (key, expiry, slot, policy state).
-fn memory(policy: Policy, cap: usize, grant: &Arc<Grant>) {
+fn memory(policy: Policy, cap: usize, grant: &Grant) {
     let keys: Vec<CacheKey> = (0..cap).map(key).collect();
     let cache = Cache::new(policy, cap + cap / 4);
     let before = rss_bytes();

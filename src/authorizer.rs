@@ -46,7 +46,7 @@ type Answer = watch::Receiver<Option<Outcome>>;
 
 /// Answers Checks for tokens: owns the cache tiers and the identity server client.
 pub struct Authorizer {
-    local: Option<LocalCache<Arc<Grant>>>,
+    local: Option<LocalCache<Grant>>,
     inactive: Option<LocalCache<()>>,
     shared: Option<Arc<dyn SharedCache>>,
     idp: Arc<dyn Introspect>,
@@ -58,7 +58,7 @@ pub struct Authorizer {
 
 impl Authorizer {
     pub fn new(
-        local: Option<LocalCache<Arc<Grant>>>,
+        local: Option<LocalCache<Grant>>,
         shared: Option<Arc<dyn SharedCache>>,
         idp: Arc<dyn Introspect>,
         ttls: Ttls,
@@ -145,10 +145,14 @@ impl Authorizer {
         let token = OwnedToken::of(token);
         tokio::spawn(
             async move {
-                let outcome = landing.authorizer.resolve(key, token.borrow(), since).await;
+                let authorizer = &landing.authorizer;
+                let (outcome, keep) = authorizer.resolve(key, token.borrow()).await;
                 let _ = tx.send(Some(outcome));
-                // After the answer went out, the flight leaves the map; later Checks find the
-                // caches filled.
+                // Kept after answering, while Checks arriving meanwhile still join this flight.
+                if let Some(keep) = keep {
+                    authorizer.keep(since, key, token.borrow(), keep).await;
+                }
+                // Then the flight leaves the map; later Checks find the caches filled.
                 drop(landing);
             }
             .instrument(tracing::Span::current()),
@@ -156,14 +160,15 @@ impl Authorizer {
         answer
     }
 
-    async fn resolve(&self, key: CacheKey, token: Token<'_>, since: Option<Generation>) -> Outcome {
+    /// The flight's answer, and the entry to keep once it is given.
+    async fn resolve(&self, key: CacheKey, token: Token<'_>) -> (Outcome, Option<Keep>) {
         if let Some(shared) = &self.shared {
             let span = telemetry::cache_span(Tier::Redis);
             match shared.get(token).instrument(span.clone()).await {
                 Ok(Some(entry)) => {
                     self.looked_up(&span, Tier::Redis, Lookup::Hit);
-                    self.remember_locally(since, key, &entry);
-                    return Outcome::Allow(AllowedJwt(entry.grant));
+                    let outcome = Outcome::Allow(AllowedJwt(entry.grant.clone()));
+                    return (outcome, Some(Keep { entry, ttl: None }));
                 }
                 Ok(None) => self.looked_up(&span, Tier::Redis, Lookup::Miss),
                 Err(CacheError::Corrupt) => {
@@ -193,52 +198,59 @@ impl Authorizer {
         );
         drop(span);
         match introspected {
-            Ok(Introspected::Active(active)) => self.admit(since, key, token, active),
+            Ok(Introspected::Active(active)) => self.admit(active),
             Ok(Introspected::Inactive) => {
                 if let Some(inactive) = &self.inactive {
                     inactive.put(key, (), self.ttls.inactive);
                 }
-                Outcome::Inactive
+                (Outcome::Inactive, None)
             }
             Err(error) => {
                 tracing::warn!(%error, "introspection failed");
-                idp_failure(&error)
+                (idp_failure(&error), None)
             }
         }
     }
 
-    /// Turns an active answer into an allow, and caches it for as long as it may be.
-    fn admit(
-        &self,
-        since: Option<Generation>,
-        key: CacheKey,
-        token: Token<'_>,
-        active: ActiveToken,
-    ) -> Outcome {
+    /// Turns an active answer into an allow, to be cached for as long as it may be.
+    fn admit(&self, active: ActiveToken) -> (Outcome, Option<Keep>) {
         let now_ms = now_ms();
         let Some(ttl) = cache_ttl(&active, self.ttls.default, self.ttls.max, now_ms) else {
             tracing::warn!("identity server vouched for an expired JWT; denying");
-            return Outcome::ExpiredJwt;
+            return (Outcome::ExpiredJwt, None);
         };
         let entry = CachedJwt {
-            grant: Grant::new(&active.jwt, active.claims),
+            grant: Grant::new(&active.jwt, &active.claims),
             expires_at_ms: now_ms
                 .saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
         };
-        if !ttl.is_zero() {
-            let fresh = self.remember_locally(since, key, &entry);
-            if let Some(shared) = self.shared.as_ref().filter(|_| fresh) {
-                // The write does not delay the answer; its failure is counted inside. An
-                // eviction that lands first leaves a tombstone the write does not overwrite.
-                let write = shared.put(token, &entry, ttl);
-                tokio::spawn(async move {
-                    if let Err(error) = write.await {
-                        tracing::debug!(%error, "redis write failed");
-                    }
-                });
-            }
+        let outcome = Outcome::Allow(AllowedJwt(entry.grant.clone()));
+        let keep = (!ttl.is_zero()).then_some(Keep {
+            entry,
+            ttl: Some(ttl),
+        });
+        (outcome, keep)
+    }
+
+    /// Caches an allow once it has been given: in process (unless an eviction came after
+    /// `since`), then, for a fresh introspection, in Redis.
+    async fn keep(&self, since: Option<Generation>, key: CacheKey, token: Token<'_>, keep: Keep) {
+        let Keep { mut entry, ttl } = keep;
+        if self.local.is_some() {
+            entry.grant = entry.grant.settle().await;
         }
-        Outcome::Allow(AllowedJwt(entry.grant))
+        let fresh = self.remember_locally(since, key, &entry);
+        let Some((shared, ttl)) = self.shared.as_ref().zip(ttl).filter(|_| fresh) else {
+            return;
+        };
+        // The write does not delay the flight's landing; its failure is counted inside. An
+        // eviction that lands first leaves a tombstone the write does not overwrite.
+        let write = shared.put(token, &entry, ttl);
+        tokio::spawn(async move {
+            if let Err(error) = write.await {
+                tracing::debug!(%error, "redis write failed");
+            }
+        });
     }
 
     /// Keeps an entry in process unless an eviction came after `since`; returns false when one
@@ -327,6 +339,13 @@ impl crate::cache::evictions::Forget for Authorizer {
     fn forget_all(&self) {
         self.forget_all_locally();
     }
+}
+
+/// An allow a flight caches once it has answered: `ttl` for Redis too (a fresh introspection),
+/// `None` for what came from Redis.
+struct Keep {
+    entry: CachedJwt,
+    ttl: Option<Duration>,
 }
 
 /// Removes a flight from the map when its task ends, however it ends (a panic included, so

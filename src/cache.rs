@@ -6,67 +6,27 @@
 pub mod batch;
 pub mod connection;
 pub mod evictions;
+mod grant;
 pub mod local;
 pub mod redis;
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+pub use grant::Grant;
+
 use crate::BoxFuture;
-use crate::jwt::Claims;
 use crate::token::{CacheKey, Token};
 
-/// The `Authorization` value forwarded upstream, `Bearer <JWT>`, built once per cache entry and
-/// shared, inside its [`Grant`], by every response that uses it (boxed rather than reference
-/// counted on its own: 16 bytes less on each of a million entries).
-pub type Authorization = Box<str>;
-
-/// Builds the forwarded `Authorization` value for a JWT.
-pub fn bearer(jwt: &str) -> Authorization {
-    let mut value = String::with_capacity(7 + jwt.len());
-    value.push_str("Bearer ");
-    value.push_str(jwt);
-    value.into()
-}
-
-/// What an active token is granted: the `Authorization` value forwarded upstream and the
-/// claims routes are checked against, built once per introspection and shared by every Check
-/// that finds it in a cache.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Grant {
-    pub authorization: Authorization,
-    pub claims: Claims,
-}
-
-impl Grant {
-    pub fn new(jwt: &str, claims: Claims) -> Arc<Grant> {
-        Arc::new(Grant {
-            authorization: bearer(jwt),
-            claims,
-        })
-    }
-}
-
-impl std::fmt::Debug for Grant {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Claims name the caller; the JWT is a credential: only its length is shown.
-        f.debug_struct("Grant")
-            .field("authorization_len", &self.authorization.len())
-            .field("scopes", &self.claims.scopes.len())
-            .finish()
-    }
-}
-
-impl local::Weigh for Arc<Grant> {
+impl local::Weigh for Grant {
     fn weight(&self) -> u64 {
-        (self.authorization.len() + self.claims.weight()) as u64
+        self.size() as u64
     }
 }
 
 /// A cached allow: the grant and when the entry dies.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CachedJwt {
-    pub grant: Arc<Grant>,
+    pub grant: Grant,
     /// Milliseconds since the epoch after which the entry must not be used.
     pub expires_at_ms: u64,
 }

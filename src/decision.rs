@@ -23,7 +23,6 @@ use envoy_types::pb::google::protobuf::value::Kind;
 use envoy_types::pb::google::protobuf::{Struct, Value};
 
 use crate::cache::Grant;
-use crate::jwt::Claims;
 use crate::token::TokenProblem;
 
 /// Everything a Check can end in.
@@ -61,11 +60,11 @@ pub enum Outcome {
 
 /// The forwarded value, with a redacting `Debug`.
 #[derive(Clone, PartialEq, Eq)]
-pub struct AllowedJwt(pub Arc<Grant>);
+pub struct AllowedJwt(pub Grant);
 
 impl std::fmt::Debug for AllowedJwt {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "AllowedJwt(len={})", self.0.authorization.len())
+        write!(f, "AllowedJwt(len={})", self.0.authorization_bytes().len())
     }
 }
 
@@ -246,14 +245,16 @@ pub enum ClaimName {
 
 impl ClaimName {
     /// The claim's value for a grant, when it has one that can travel in a header.
-    fn value(self, claims: &Claims) -> Option<String> {
+    fn value(self, grant: &Grant) -> Option<String> {
+        let joined = |values: &mut dyn Iterator<Item = &str>| {
+            let joined = values.collect::<Vec<_>>().join(" ");
+            (!joined.is_empty()).then_some(joined)
+        };
         let value = match self {
-            ClaimName::Sub => claims.sub.as_deref()?.to_owned(),
-            ClaimName::ClientId => claims.client_id.as_deref()?.to_owned(),
-            ClaimName::Scope if claims.scopes.is_empty() => return None,
-            ClaimName::Scope => claims.scopes.join(" "),
-            ClaimName::Aud if claims.audiences.is_empty() => return None,
-            ClaimName::Aud => claims.audiences.join(" "),
+            ClaimName::Sub => grant.sub()?.to_owned(),
+            ClaimName::ClientId => grant.client_id()?.to_owned(),
+            ClaimName::Scope => joined(&mut grant.scopes())?,
+            ClaimName::Aud => joined(&mut grant.audiences())?,
         };
         // A value the IdP chose must not break out of its header: printable ASCII only.
         value
@@ -300,16 +301,13 @@ impl Responder {
         let http_response = match outcome {
             Outcome::Allow(AllowedJwt(grant)) => {
                 let mut headers = Vec::with_capacity(1 + self.claim_headers.len());
-                headers.push(overwrite(
-                    "authorization",
-                    String::from(&*grant.authorization),
-                ));
+                headers.push(overwrite("authorization", grant.authorization().to_owned()));
                 for (claim, header) in &self.claim_headers {
-                    if let Some(value) = claim.value(&grant.claims) {
+                    if let Some(value) = claim.value(grant) {
                         headers.push(overwrite(header, value));
                     }
                 }
-                dynamic_metadata = metadata(&grant.claims);
+                dynamic_metadata = metadata(grant);
                 HttpResponse::OkResponse(OkHttpResponse {
                     headers,
                     // A client's own copy of a claim header never reaches the upstream, whether
@@ -350,7 +348,7 @@ impl Responder {
 /// What a gRPC Check answers: an allow is written from its grant straight into the response
 /// buffer ([`Responder::encode_allow`]); anything else is a `CheckResponse` message.
 pub enum Answer {
-    Allow(Arc<Grant>),
+    Allow(Grant),
     /// Boxed: the allow, the hot variant, stays a pointer wide.
     Message(Box<CheckResponse>),
 }
@@ -368,31 +366,34 @@ impl Responder {
     /// in protobuf, without building it: every allow, cache hits included, would otherwise
     /// copy the JWT into a message and hash the metadata into a map, only to encode both.
     pub fn encode_allow(&self, grant: &Grant, buf: &mut impl BufMut) {
-        let claims = &grant.claims;
         // Values of the claim headers the token has; none are configured by default.
         let claim_headers: Vec<(&str, String)> = self
             .claim_headers
             .iter()
-            .filter_map(|(claim, header)| Some((*header, claim.value(claims)?)))
+            .filter_map(|(claim, header)| Some((*header, claim.value(grant)?)))
             .collect();
-        let authorization = header_option_len("authorization", &grant.authorization);
+        let bearer = grant.authorization_bytes();
+        let authorization = header_option_len("authorization", bearer);
         let ok = field_len(OK_HEADERS, authorization)
             + claim_headers
                 .iter()
-                .map(|(header, value)| field_len(OK_HEADERS, header_option_len(header, value)))
+                .map(|(header, value)| {
+                    field_len(OK_HEADERS, header_option_len(header, value.as_bytes()))
+                })
                 .sum::<usize>()
             + self
                 .claim_headers
                 .iter()
                 .map(|(_, header)| field_len(OK_HEADERS_TO_REMOVE, header.len()))
                 .sum::<usize>();
-        let metadata = metadata_len(claims);
+        let metadata = metadata_len(grant);
 
         // CheckResponse.status: google.rpc.Status, code 0 (OK) and nothing else.
         put_len(RESPONSE_STATUS, 0, buf);
         put_len(RESPONSE_OK, ok, buf);
-        put_header_option("authorization", &grant.authorization, authorization, buf);
+        put_header_option("authorization", bearer, authorization, buf);
         for (header, value) in &claim_headers {
+            let value = value.as_bytes();
             put_header_option(header, value, header_option_len(header, value), buf);
         }
         for (_, header) in &self.claim_headers {
@@ -400,7 +401,7 @@ impl Responder {
         }
         if metadata > 0 {
             put_len(RESPONSE_METADATA, metadata, buf);
-            put_metadata(claims, buf);
+            put_metadata(grant, buf);
         }
     }
 }
@@ -438,7 +439,7 @@ fn put_str(tag: u32, value: &str, buf: &mut impl BufMut) {
 }
 
 /// A `HeaderValueOption` that overwrites `key` with `value`, as [`overwrite`] builds it.
-fn header_option_len(key: &str, value: &str) -> usize {
+fn header_option_len(key: &str, value: &[u8]) -> usize {
     let header = field_len(HEADER_KEY, key.len()) + field_len(HEADER_VALUE, value.len());
     let action = HeaderAppendAction::OverwriteIfExistsOrAdd as u64;
     field_len(OPTION_HEADER, header)
@@ -446,7 +447,7 @@ fn header_option_len(key: &str, value: &str) -> usize {
         + encoding::encoded_len_varint(action)
 }
 
-fn put_header_option(key: &str, value: &str, len: usize, buf: &mut impl BufMut) {
+fn put_header_option(key: &str, value: &[u8], len: usize, buf: &mut impl BufMut) {
     put_len(OK_HEADERS, len, buf);
     put_len(
         OPTION_HEADER,
@@ -454,23 +455,24 @@ fn put_header_option(key: &str, value: &str, len: usize, buf: &mut impl BufMut) 
         buf,
     );
     put_str(HEADER_KEY, key, buf);
-    put_str(HEADER_VALUE, value, buf);
+    put_len(HEADER_VALUE, value.len(), buf);
+    buf.put_slice(value);
     encoding::encode_key(OPTION_APPEND_ACTION, WireType::Varint, buf);
     encoding::encode_varint(HeaderAppendAction::OverwriteIfExistsOrAdd as u64, buf);
 }
 
 /// The string fields of [`metadata`] taken as they are (`scope` is joined as it is written,
 /// `exp` is a number).
-fn metadata_strings(claims: &Claims) -> [(&'static str, Option<&str>); 2] {
-    [
-        ("sub", claims.sub.as_deref()),
-        ("client_id", claims.client_id.as_deref()),
-    ]
+fn metadata_strings(grant: &Grant) -> [(&'static str, Option<&str>); 2] {
+    [("sub", grant.sub()), ("client_id", grant.client_id())]
 }
 
-fn scope_len(claims: &Claims) -> usize {
-    let spaces = claims.scopes.len().saturating_sub(1);
-    claims.scopes.iter().map(|scope| scope.len()).sum::<usize>() + spaces
+/// The scopes joined by spaces: their length, or `None` without scopes.
+fn scope_len(grant: &Grant) -> Option<usize> {
+    let (count, bytes) = grant.scopes().fold((0, 0), |(count, bytes), scope| {
+        (count + 1, bytes + scope.len())
+    });
+    (count > 0).then(|| bytes + count - 1)
 }
 
 /// One `Struct.fields` map entry whose value is `value_len` bytes of `Value`.
@@ -482,17 +484,17 @@ fn entry_len(name: &str, value_len: usize) -> usize {
 }
 
 /// Bytes of the `Struct` of [`metadata`]; 0 when it has no field (and is left out).
-fn metadata_len(claims: &Claims) -> usize {
+fn metadata_len(grant: &Grant) -> usize {
     let mut len = 0;
-    for (name, value) in metadata_strings(claims) {
+    for (name, value) in metadata_strings(grant) {
         if let Some(value) = value {
             len += entry_len(name, field_len(VALUE_STRING, value.len()));
         }
     }
-    if !claims.scopes.is_empty() {
-        len += entry_len("scope", field_len(VALUE_STRING, scope_len(claims)));
+    if let Some(scope_len) = scope_len(grant) {
+        len += entry_len("scope", field_len(VALUE_STRING, scope_len));
     }
-    if claims.exp.is_some() {
+    if grant.exp().is_some() {
         len += entry_len("exp", encoding::key_len(VALUE_NUMBER) + 8);
     }
     len
@@ -508,25 +510,24 @@ fn put_entry(name: &str, value_len: usize, buf: &mut impl BufMut) {
     put_len(ENTRY_VALUE, value_len, buf);
 }
 
-fn put_metadata(claims: &Claims, buf: &mut impl BufMut) {
-    for (name, value) in metadata_strings(claims) {
+fn put_metadata(grant: &Grant, buf: &mut impl BufMut) {
+    for (name, value) in metadata_strings(grant) {
         if let Some(value) = value {
             put_entry(name, field_len(VALUE_STRING, value.len()), buf);
             put_str(VALUE_STRING, value, buf);
         }
     }
-    if !claims.scopes.is_empty() {
-        let len = scope_len(claims);
+    if let Some(len) = scope_len(grant) {
         put_entry("scope", field_len(VALUE_STRING, len), buf);
         put_len(VALUE_STRING, len, buf);
-        for (i, scope) in claims.scopes.iter().enumerate() {
+        for (i, scope) in grant.scopes().enumerate() {
             if i > 0 {
                 buf.put_u8(b' ');
             }
             buf.put_slice(scope.as_bytes());
         }
     }
-    if let Some(exp) = claims.exp {
+    if let Some(exp) = grant.exp() {
         put_entry("exp", encoding::key_len(VALUE_NUMBER) + 8, buf);
         encoding::encode_key(VALUE_NUMBER, WireType::SixtyFourBit, buf);
         buf.put_f64_le(exp as f64);
@@ -536,22 +537,24 @@ fn put_metadata(claims: &Claims, buf: &mut impl BufMut) {
 /// Who the caller is, for Envoy's access log, RBAC and rate limits
 /// (`%DYNAMIC_METADATA(envoy.filters.http.ext_authz:sub)%`): `sub`, `client_id`, `scope` and
 /// `exp`, those the token has.
-fn metadata(claims: &Claims) -> Option<Struct> {
-    let text = |value: String| Value {
-        kind: Some(Kind::StringValue(value)),
+fn metadata(grant: &Grant) -> Option<Struct> {
+    let text = |value: &str| Value {
+        kind: Some(Kind::StringValue(value.to_owned())),
     };
     // Sized for all four at once: growing from empty rehashes on the way.
     let mut fields = HashMap::with_capacity(4);
-    if let Some(sub) = &claims.sub {
-        fields.insert("sub".to_owned(), text(String::from(&**sub)));
+    for (name, value) in metadata_strings(grant) {
+        if let Some(value) = value {
+            fields.insert(name.to_owned(), text(value));
+        }
     }
-    if let Some(client_id) = &claims.client_id {
-        fields.insert("client_id".to_owned(), text(String::from(&**client_id)));
+    if grant.scopes().next().is_some() {
+        fields.insert(
+            "scope".to_owned(),
+            text(&grant.scopes().collect::<Vec<_>>().join(" ")),
+        );
     }
-    if !claims.scopes.is_empty() {
-        fields.insert("scope".to_owned(), text(claims.scopes.join(" ")));
-    }
-    if let Some(exp) = claims.exp {
+    if let Some(exp) = grant.exp() {
         fields.insert(
             "exp".to_owned(),
             Value {
@@ -581,9 +584,9 @@ impl Responder {
         match outcome {
             Outcome::Allow(AllowedJwt(grant)) => {
                 let mut headers = Vec::with_capacity(1 + self.claim_headers.len());
-                headers.push(("authorization", String::from(&*grant.authorization)));
+                headers.push(("authorization", grant.authorization().to_owned()));
                 for (claim, header) in &self.claim_headers {
-                    let value = claim.value(&grant.claims).unwrap_or_default();
+                    let value = claim.value(grant).unwrap_or_default();
                     headers.push((*header, value));
                 }
                 HttpAnswer {
@@ -636,6 +639,7 @@ fn overwrite(key: &str, value: String) -> HeaderValueOption {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::jwt::Claims;
 
     fn challenge(response: &CheckResponse) -> Option<String> {
         match response.http_response.as_ref().unwrap() {
@@ -660,7 +664,7 @@ mod tests {
         let responder = Responder::new("api", Vec::new());
         let response = responder.respond(&Outcome::Allow(AllowedJwt(Grant::new(
             "a.b.c",
-            Default::default(),
+            &Default::default(),
         ))));
         assert_eq!(response.status.unwrap().code, Code::Ok as i32);
         let HttpResponse::OkResponse(ok) = response.http_response.unwrap() else {
@@ -772,7 +776,7 @@ mod tests {
         for responder in &responders {
             for claims in &grants {
                 for jwt in ["a.b.c", &format!("h.{}.s", "p".repeat(2_000))] {
-                    let grant = Grant::new(jwt, claims.clone());
+                    let grant = Grant::new(jwt, claims);
                     let mut written = Vec::new();
                     responder.encode_allow(&grant, &mut written);
                     let outcome = Outcome::Allow(AllowedJwt(grant));
@@ -789,7 +793,7 @@ mod tests {
     fn debug_hides_the_jwt() {
         let outcome = Outcome::Allow(AllowedJwt(Grant::new(
             "eyJhbGciOi.secret.sig",
-            Default::default(),
+            &Default::default(),
         )));
         assert!(!format!("{outcome:?}").contains("secret"));
     }

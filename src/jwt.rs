@@ -79,10 +79,20 @@ fn bounded(value: &str) -> Option<Box<str>> {
 }
 
 /// Checks the compact JWS shape (three non-empty base64url parts, a JSON object payload) and
-/// returns the payload's `exp`, in seconds since the epoch.
+/// returns the payload's `exp`, in seconds since the epoch. Only `exp` is read: the rest of the
+/// payload is skipped, not checked, so this is for JWTs [`claims`] has read before (each Redis
+/// hit checks its sealed JWT this way). A second `exp` makes the JWT malformed, here and there.
 pub fn exp(jwt: &str) -> Result<Option<u64>, Malformed> {
-    /// Only `exp` is read: the rest of the payload is skipped, not built (every Redis hit
-    /// checks its JWT this way).
+    exp_of(&payload(jwt)?)
+}
+
+/// The payload of a compact JWS, decoded.
+fn payload(jwt: &str) -> Result<Vec<u8>, Malformed> {
+    let payload = compact_payload(jwt).ok_or(NOT_A_JWT)?;
+    URL_SAFE_NO_PAD.decode(payload).map_err(|_| NOT_A_JWT)
+}
+
+fn exp_of(payload: &[u8]) -> Result<Option<u64>, Malformed> {
     #[derive(serde::Deserialize)]
     struct Payload {
         #[serde(default, deserialize_with = "present")]
@@ -94,20 +104,18 @@ pub fn exp(jwt: &str) -> Result<Option<u64>, Malformed> {
     ) -> Result<Option<serde_json::Value>, D::Error> {
         serde::Deserialize::deserialize(value).map(Some)
     }
-    let payload = compact_payload(jwt).ok_or(NOT_A_JWT)?;
-    let payload = URL_SAFE_NO_PAD.decode(payload).map_err(|_| NOT_A_JWT)?;
     // A JSON object, not an array a struct would also be read from.
     if payload.trim_ascii_start().first() != Some(&b'{') {
         return Err(NOT_A_JWT);
     }
-    let Payload { exp } = serde_json::from_slice(&payload).map_err(|_| NOT_A_JWT)?;
+    let Payload { exp } = serde_json::from_slice(payload).map_err(|_| NOT_A_JWT)?;
     exp.as_ref().map(numeric_date).transpose()
 }
 
 /// Checks the compact JWS shape and reads the claims phantom-authz uses.
 pub fn claims(jwt: &str) -> Result<Claims, Malformed> {
-    let payload = compact_payload(jwt).ok_or(NOT_A_JWT)?;
-    let payload = URL_SAFE_NO_PAD.decode(payload).map_err(|_| NOT_A_JWT)?;
+    let payload = payload(jwt)?;
+    let exp = exp_of(&payload)?;
     let payload: serde_json::Value = serde_json::from_slice(&payload).map_err(|_| NOT_A_JWT)?;
     let payload = payload.as_object().ok_or(NOT_A_JWT)?;
     // Only `exp` must be well-formed: it bounds how long the JWT is handed out. The others are
@@ -132,7 +140,7 @@ pub fn claims(jwt: &str) -> Result<Claims, Malformed> {
             .collect()
     };
     let mut claims = Claims {
-        exp: payload.get("exp").map(numeric_date).transpose()?,
+        exp,
         sub: string("sub"),
         client_id: string("client_id"),
         scopes: list("scp"),
@@ -206,6 +214,7 @@ pub(crate) mod tests {
             r#"[2000000000]"#,
             r#""text""#,
             r#"{"exp":1"#,
+            r#"{"exp":1,"exp":2}"#,
         ] {
             assert_eq!(
                 exp(&jwt(payload)),
@@ -214,6 +223,9 @@ pub(crate) mod tests {
             );
         }
         assert_eq!(exp(&jwt(r#"[2000000000]"#)), Err(NOT_A_JWT));
+        // Read exactly (serde_json's float_roundtrip): the fast parse made this ...014.
+        let exact = jwt(r#"{"exp":8292522231370015.0}"#);
+        assert_eq!(exp(&exact), Ok(Some(8_292_522_231_370_015)));
         for shape in ["a.b", "a.b.c.d", "a..c", "a.b.c=", "a.b+.c", "a.b.c\r\n"] {
             assert_eq!(exp(shape), Err(NOT_A_JWT), "{shape}");
         }

@@ -8,8 +8,8 @@
 
 use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
 
+use crate::cache::Grant;
 use crate::decision::Outcome;
-use crate::jwt::Claims;
 use crate::token;
 
 /// The context extension naming the scopes a route requires (space-separated, all required).
@@ -231,19 +231,18 @@ pub fn is_audience(audience: &str) -> bool {
 }
 
 impl Demand<'_> {
-    /// Whether `claims` meet the demand: `None` when they do, else the denial.
-    pub fn refusal(&self, claims: &Claims) -> Option<Outcome> {
+    /// Whether the grant's claims meet the demand: `None` when they do, else the denial.
+    pub fn refusal(&self, grant: &Grant) -> Option<Outcome> {
         match self {
             Demand::Nothing => None,
-            Demand::NoRoute => Some(Outcome::NoRoute),
-            Demand::Misconfigured(setting) => Some(Outcome::RouteMisconfigured(setting)),
+            Demand::NoRoute | Demand::Misconfigured(_) => self.refuses_any_token(),
             Demand::Require { scopes, audience } => {
                 if let Some(audience) = audience
-                    && !claims.has_audience(audience)
+                    && !grant.has_audience(audience)
                 {
                     return Some(Outcome::AudienceMismatch);
                 }
-                if scopes.iter().all(|scope| claims.has_scope(scope)) {
+                if scopes.iter().all(|scope| grant.has_scope(scope)) {
                     None
                 } else {
                     Some(Outcome::InsufficientScope(scopes.join(" ").into()))
@@ -255,7 +254,8 @@ impl Demand<'_> {
     /// A denial that needs no token at all: the route itself refuses.
     pub fn refuses_any_token(&self) -> Option<Outcome> {
         match self {
-            Demand::NoRoute | Demand::Misconfigured(_) => self.refusal(&Claims::default()),
+            Demand::NoRoute => Some(Outcome::NoRoute),
+            Demand::Misconfigured(setting) => Some(Outcome::RouteMisconfigured(setting)),
             Demand::Nothing | Demand::Require { .. } => None,
         }
     }
@@ -264,6 +264,7 @@ impl Demand<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::jwt::Claims;
     use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
 
     fn request(method: &str, host: &str, path: &str, extensions: &[(&str, &str)]) -> CheckRequest {
@@ -282,12 +283,13 @@ mod tests {
         request
     }
 
-    fn claims(scopes: &[&str], audiences: &[&str]) -> Claims {
-        Claims {
+    fn claims(scopes: &[&str], audiences: &[&str]) -> Grant {
+        let claims = Claims {
             scopes: scopes.iter().map(|s| Box::from(*s)).collect(),
             audiences: audiences.iter().map(|s| Box::from(*s)).collect(),
             ..Claims::default()
-        }
+        };
+        Grant::new("a.b.c", &claims)
     }
 
     fn table() -> RouteTable {
@@ -432,7 +434,7 @@ mod tests {
             demand.refusal(&claims(&["read", "write"], &["other"])),
             Some(Outcome::AudienceMismatch)
         );
-        assert_eq!(Demand::Nothing.refusal(&Claims::default()), None);
+        assert_eq!(Demand::Nothing.refusal(&claims(&[], &[])), None);
         assert_eq!(Demand::NoRoute.refuses_any_token(), Some(Outcome::NoRoute));
     }
 }

@@ -82,7 +82,7 @@ impl CheckService {
         // Checked on every allow, cache hits included; the grant stays cached either way (it
         // may open other routes).
         match &outcome {
-            Outcome::Allow(AllowedJwt(grant)) => demand.refusal(&grant.claims).unwrap_or(outcome),
+            Outcome::Allow(AllowedJwt(grant)) => demand.refusal(grant).unwrap_or(outcome),
             _ => outcome,
         }
     }

@@ -58,9 +58,13 @@ impl Batcher {
 
     /// Sends everything queued once the lookups runnable now have joined, and answers each.
     async fn send(self: Arc<Self>) {
+        let pending = Pending {
+            batcher: self,
+            taken: false,
+        };
         // Checks woken together run before this task does: their lookups join the pipeline.
         tokio::task::yield_now().await;
-        let batch = std::mem::take(&mut *self.waiting.lock().unwrap_or_else(|p| p.into_inner()));
+        let (this, batch) = pending.take();
         let mut pipeline = redis::pipe();
         // A key someone made a list or a hash fails its own lookup, not the whole pipeline.
         pipeline.ignore_errors();
@@ -70,9 +74,9 @@ impl Batcher {
                 names => pipeline.mget(names),
             };
         }
-        let mut connection = self.connection.clone();
+        let mut connection = this.connection.clone();
         let sent = tokio::time::timeout(
-            self.timeout,
+            this.timeout,
             pipeline.query_async::<Vec<Value>>(&mut connection),
         )
         .await;
@@ -85,6 +89,35 @@ impl Batcher {
         for (waiting, value) in batch.into_iter().zip(values) {
             let _ = waiting.reply.send(decode(value, waiting.names.len()));
         }
+    }
+}
+
+/// The queue a batch task owes a pipeline. Should the task end before taking it (the runtime
+/// shutting down under it), the lookups are failed rather than left for a task that will never
+/// come: the next lookup, finding the queue empty, starts a new one.
+struct Pending {
+    batcher: Arc<Batcher>,
+    taken: bool,
+}
+
+impl Pending {
+    fn take(mut self) -> (Arc<Batcher>, Vec<Waiting>) {
+        self.taken = true;
+        (Arc::clone(&self.batcher), self.batcher.drain())
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if !self.taken {
+            answer_all(self.batcher.drain(), CacheError::Timeout);
+        }
+    }
+}
+
+impl Batcher {
+    fn drain(&self) -> Vec<Waiting> {
+        std::mem::take(&mut *self.waiting.lock().unwrap_or_else(|p| p.into_inner()))
     }
 }
 

@@ -320,8 +320,13 @@ impl Hasher for DigestHasher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::Authorization;
-    use crate::cache::bearer;
+
+    /// A stand-in value: the `Authorization` a grant forwards.
+    type Authorization = Box<str>;
+
+    fn bearer(jwt: &str) -> Authorization {
+        format!("Bearer {jwt}").into()
+    }
 
     impl Weigh for Authorization {
         fn weight(&self) -> u64 {

@@ -29,7 +29,7 @@ use super::batch::Batcher;
 use super::connection::Connection;
 pub use super::connection::SetupError;
 use super::evictions::{self, Confirmations};
-use super::{Authorization, CacheError, CachedJwt, Eviction, Grant, SharedCache, now_ms};
+use super::{CacheError, CachedJwt, Eviction, Grant, SharedCache, now_ms};
 use crate::config::{RedisTopology, Secret};
 use crate::jwt::Claims;
 use crate::metrics;
@@ -138,13 +138,24 @@ impl Slot {
     /// Encrypts `expiry ‖ claims length ‖ claims (JSON) ‖ Authorization` under a fresh random
     /// nonce.
     pub fn seal(&self, entry: &CachedJwt) -> Result<Vec<u8>, CacheError> {
+        let grant = &entry.grant;
+        self.seal_parts(entry.expires_at_ms, &grant.claims(), grant.authorization())
+    }
+
+    /// [`Slot::seal`] from the parts of an entry, whatever they hold: what a replica holding
+    /// the secret could write.
+    pub fn seal_parts(
+        &self,
+        expires_at_ms: u64,
+        claims: &Claims,
+        authorization: &str,
+    ) -> Result<Vec<u8>, CacheError> {
         let mut nonce = [0u8; NONCE_LEN];
         getrandom::fill(&mut nonce).map_err(|_| CacheError::NoRandomness)?;
-        let claims = serde_json::to_vec(&entry.grant.claims).map_err(|_| CacheError::Corrupt)?;
+        let claims = serde_json::to_vec(claims).map_err(|_| CacheError::Corrupt)?;
         let claims_len = u32::try_from(claims.len()).map_err(|_| CacheError::Corrupt)?;
-        let authorization = &entry.grant.authorization;
         let mut plaintext = Vec::with_capacity(EXPIRY_LEN + 4 + claims.len() + authorization.len());
-        plaintext.extend_from_slice(&entry.expires_at_ms.to_be_bytes());
+        plaintext.extend_from_slice(&expires_at_ms.to_be_bytes());
         plaintext.extend_from_slice(&claims_len.to_be_bytes());
         plaintext.extend_from_slice(&claims);
         plaintext.extend_from_slice(authorization.as_bytes());
@@ -209,10 +220,7 @@ impl Slot {
             return Err(CacheError::Corrupt);
         }
         Ok(CachedJwt {
-            grant: Arc::new(Grant {
-                authorization: Authorization::from(authorization),
-                claims,
-            }),
+            grant: Grant::new(jwt, &claims),
             expires_at_ms,
         })
     }
@@ -225,7 +233,8 @@ pub struct RedisCache {
     connection: Connection,
     /// Batches lookups into pipelines, where the topology allows it.
     batcher: Option<Arc<Batcher>>,
-    get_metrics: metrics::RedisCommand,
+    /// Each command's metrics, resolved once.
+    metrics: Commands,
     secrets: CacheSecrets,
     timeout: Duration,
     /// How long a tombstone outlives the eviction: past the longest lookup that could predate it.
@@ -233,6 +242,14 @@ pub struct RedisCache {
     healthy: Arc<RedisHealth>,
     /// This replica's evictions waiting for confirmations.
     confirmations: Arc<Confirmations>,
+}
+
+/// The metrics of each command the tier sends.
+struct Commands {
+    get: metrics::RedisCommand,
+    set: metrics::RedisCommand,
+    evict: metrics::RedisCommand,
+    confirm: metrics::RedisCommand,
 }
 
 /// Whether Redis answers, and when to try it again while it does not.
@@ -321,7 +338,12 @@ impl RedisCache {
                 .pipelines_across_keys()
                 .then(|| Batcher::new(connection.clone(), timeout)),
             connection,
-            get_metrics: metrics::RedisCommand::new("get"),
+            metrics: Commands {
+                get: metrics::RedisCommand::new("get"),
+                set: metrics::RedisCommand::new("set"),
+                evict: metrics::RedisCommand::new("evict"),
+                confirm: metrics::RedisCommand::new("confirm"),
+            },
             secrets,
             timeout,
             tombstone_ttl,
@@ -344,7 +366,7 @@ impl RedisCache {
     pub async fn confirm(&self, id: &str) -> Result<(), CacheError> {
         let mut connection = self.connection.clone();
         timed(
-            &metrics::RedisCommand::new("confirm"),
+            &self.metrics.confirm,
             self.timeout,
             &self.healthy,
             &self.connection,
@@ -420,7 +442,7 @@ impl SharedCache for RedisCache {
                 }
             };
             let values = timed(
-                &self.get_metrics,
+                &self.metrics.get,
                 self.timeout,
                 &self.healthy,
                 &self.connection,
@@ -459,6 +481,7 @@ impl SharedCache for RedisCache {
         let mut connection = self.connection.clone();
         // Told of failures while `connection` is borrowed by a command.
         let failures = self.connection.clone();
+        let command = self.metrics.set.clone();
         let timeout = self.timeout;
         let healthy = self.healthy.clone();
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
@@ -472,7 +495,7 @@ impl SharedCache for RedisCache {
                 .arg(ttl_ms)
                 .arg("NX");
             timed(
-                &metrics::RedisCommand::new("set"),
+                &command,
                 timeout,
                 &healthy,
                 &failures,
@@ -492,6 +515,7 @@ impl SharedCache for RedisCache {
         let mut connection = self.connection.clone();
         // Told of failures while `connection` is borrowed by a command.
         let failures = self.connection.clone();
+        let command = self.metrics.evict.clone();
         let timeout = self.timeout;
         let healthy = self.healthy.clone();
         let tombstone_ms = u64::try_from(self.tombstone_ttl.as_millis()).unwrap_or(u64::MAX);
@@ -510,7 +534,7 @@ impl SharedCache for RedisCache {
                     .arg(tombstone_ms)
                     .arg("GET");
                 let previous: Option<Vec<u8>> = timed(
-                    &metrics::RedisCommand::new("evict"),
+                    &command,
                     timeout,
                     &healthy,
                     &failures,
@@ -520,7 +544,7 @@ impl SharedCache for RedisCache {
                 deleted |= previous.is_some_and(|value| value != TOMBSTONE);
             }
             let notified = timed(
-                &metrics::RedisCommand::new("evict"),
+                &command,
                 timeout,
                 &healthy,
                 &failures,
@@ -556,7 +580,7 @@ mod tests {
         let entry = CachedJwt {
             grant: Grant::new(
                 &jwt(1_800_000_000),
-                Claims {
+                &Claims {
                     sub: Some("alice".into()),
                     scopes: vec!["orders:read".into()],
                     ..Claims::default()
@@ -599,7 +623,7 @@ mod tests {
             Err(CacheError::Corrupt)
         );
         let stale = CachedJwt {
-            grant: Grant::new(&jwt(1_000), Claims::default()),
+            grant: Grant::new(&jwt(1_000), &Claims::default()),
             ..entry.clone()
         };
         assert_eq!(
@@ -620,14 +644,9 @@ mod tests {
             "Basic YWxhZGRpbjpvcGVuc2VzYW1l",
             "",
         ] {
-            let entry = CachedJwt {
-                grant: Arc::new(Grant {
-                    authorization: Authorization::from(forged),
-                    claims: Claims::default(),
-                }),
-                expires_at_ms: u64::MAX,
-            };
-            let sealed = slot.seal(&entry).unwrap();
+            let sealed = slot
+                .seal_parts(u64::MAX, &Claims::default(), forged)
+                .unwrap();
             assert_eq!(
                 slot.open(&mut sealed.clone(), 1),
                 Err(CacheError::Corrupt),

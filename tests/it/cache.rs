@@ -329,14 +329,9 @@ fn forged_without_the_secret(token: &str, authorization: &str) -> (String, Vec<u
 fn sealed_under(secret: &str, token: &str, authorization: &str) -> (String, Vec<u8>) {
     let token = phantom_authz::token::parse_token(token, 4096).unwrap();
     let slot = phantom_authz::cache::redis::Slot::derive(secret.as_bytes(), token);
-    let entry = phantom_authz::cache::CachedJwt {
-        grant: std::sync::Arc::new(phantom_authz::cache::Grant {
-            authorization: authorization.into(),
-            claims: Default::default(),
-        }),
-        expires_at_ms: (unix_now() + 3600) * 1000,
-    };
-    (slot.name().to_owned(), slot.seal(&entry).unwrap())
+    let expires_at_ms = (unix_now() + 3600) * 1000;
+    let sealed = slot.seal_parts(expires_at_ms, &Default::default(), authorization);
+    (slot.name().to_owned(), sealed.unwrap())
 }
 
 #[tokio::test]
@@ -572,7 +567,15 @@ async fn concurrent_redis_hits_each_get_their_own_entry_and_a_bad_key_fails_only
     let service = Service::start(
         &idp.url(),
         "jwt",
-        &["--redis-url", &redis.url(), "--local-cache-ttl", "0"],
+        // Bounded generously: a lookup timed out on a loaded machine would be introspected.
+        &[
+            "--redis-url",
+            &redis.url(),
+            "--local-cache-ttl",
+            "0",
+            "--redis-timeout",
+            "2s",
+        ],
     );
     let tokens: Vec<String> = (0..64).map(|i| format!("pipelined-{i}")).collect();
     let mut client = service.client().await;

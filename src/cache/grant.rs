@@ -1,0 +1,251 @@
+//! What an active token is granted, as every cache entry holds it: the `Authorization` value
+//! forwarded upstream and the claims routes are checked against, in one reference-counted
+//! allocation.
+//!
+//! A million entries are a million of these, so the layout is packed: a 17-byte header
+//! (`exp`, the claims' length and how many scopes and audiences there are), the claims as
+//! NUL-terminated strings (`sub`, `client_id`, each scope, each audience), then `Bearer <JWT>`.
+//! One allocation instead of four (the grant, its `Authorization`, `sub`, the scope list): about
+//! 180 bytes less per entry, and one cache miss instead of four when a hit reads it.
+
+use std::sync::Arc;
+
+use crate::jwt::Claims;
+
+/// An active token's grant; cloning it is a reference count.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Grant(Arc<[u8]>);
+
+const EXP: usize = 0; // 1 byte: whether there is one; then 8, little-endian
+const CLAIMS_LEN: usize = 9; // u32, little-endian
+const SCOPES: usize = 13; // u16
+const AUDIENCES: usize = 15; // u16
+const HEADER: usize = 17;
+const BEARER: &str = "Bearer ";
+
+impl Grant {
+    /// The grant of `jwt` with `claims`. A claim value holding a NUL is left out, as values
+    /// past the bounds are when a JWT is read: that can only ever deny a route, never open one.
+    pub fn new(jwt: &str, claims: &Claims) -> Grant {
+        let kept = |value: &&str| !value.contains('\0');
+        let scopes: Vec<&str> = claims.scopes.iter().map(|s| &**s).filter(kept).collect();
+        let audiences: Vec<&str> = claims.audiences.iter().map(|a| &**a).filter(kept).collect();
+        let sub = claims.sub.as_deref().filter(kept).unwrap_or_default();
+        let client_id = claims.client_id.as_deref().filter(kept).unwrap_or_default();
+        let strings = [sub, client_id].into_iter().chain(scopes.iter().copied());
+        let strings = strings.chain(audiences.iter().copied());
+        let claims_len: usize = strings.clone().map(|s| s.len() + 1).sum();
+
+        let mut bytes = Vec::with_capacity(HEADER + claims_len + BEARER.len() + jwt.len());
+        let (present, exp) = claims.exp.map_or((0, 0), |exp| (1, exp));
+        bytes.push(present);
+        bytes.extend_from_slice(&exp.to_le_bytes());
+        // Bounded when read from a JWT: at most 256 values of at most 1 KiB each.
+        bytes.extend_from_slice(&(claims_len as u32).to_le_bytes());
+        bytes.extend_from_slice(&(scopes.len() as u16).to_le_bytes());
+        bytes.extend_from_slice(&(audiences.len() as u16).to_le_bytes());
+        for string in strings {
+            bytes.extend_from_slice(string.as_bytes());
+            bytes.push(0);
+        }
+        bytes.extend_from_slice(BEARER.as_bytes());
+        bytes.extend_from_slice(jwt.as_bytes());
+        Grant(bytes.into())
+    }
+
+    /// A copy of the grant, made on a thread of tokio's blocking pool: where it is to stay,
+    /// in the in-process tier, for minutes or hours.
+    ///
+    /// glibc's malloc gives each thread an arena of its own. Made on the runtime's thread, a
+    /// long-lived entry lands among the kilobytes every miss allocates and frees around it
+    /// (the IdP's answer, its JSON, the decoded claims) and pins the holes they leave: a quarter
+    /// more memory per entry. Made here, entries are packed with entries. Measured with 100k
+    /// introspected tokens and a 1,000-byte JWT: 1,386 → 1,159 bytes per cached token. The
+    /// flight answers its Checks before this runs, so no Check waits for it.
+    pub async fn settle(self) -> Grant {
+        let grant = self.clone();
+        // The copy can only fail to run if the runtime is shutting down: keep the original.
+        tokio::task::spawn_blocking(move || Grant(Arc::from(&grant.0[..])))
+            .await
+            .unwrap_or(self)
+    }
+
+    /// `Bearer <JWT>`, as forwarded.
+    pub fn authorization(&self) -> &str {
+        // Copied from a `&str` in `new`.
+        std::str::from_utf8(self.authorization_bytes()).unwrap_or_default()
+    }
+
+    /// The same, as the bytes a response is written from.
+    pub fn authorization_bytes(&self) -> &[u8] {
+        &self.0[HEADER + self.claims_len()..]
+    }
+
+    /// `exp`, in seconds since the epoch.
+    pub fn exp(&self) -> Option<u64> {
+        let exp = u64::from_le_bytes(self.0[EXP + 1..CLAIMS_LEN].try_into().unwrap_or_default());
+        (self.0[EXP] == 1).then_some(exp)
+    }
+
+    pub fn sub(&self) -> Option<&str> {
+        self.strings().next().filter(|s| !s.is_empty())
+    }
+
+    pub fn client_id(&self) -> Option<&str> {
+        self.strings().nth(1).filter(|s| !s.is_empty())
+    }
+
+    /// The scopes, from `scope` and `scp`.
+    pub fn scopes(&self) -> impl Iterator<Item = &str> {
+        self.strings().skip(2).take(self.count(SCOPES))
+    }
+
+    /// The audiences, from `aud`.
+    pub fn audiences(&self) -> impl Iterator<Item = &str> {
+        self.strings()
+            .skip(2 + self.count(SCOPES))
+            .take(self.count(AUDIENCES))
+    }
+
+    /// Whether the token holds `scope`.
+    pub fn has_scope(&self, scope: &str) -> bool {
+        self.scopes().any(|held| held == scope)
+    }
+
+    /// Whether the token is meant for `audience`.
+    pub fn has_audience(&self, audience: &str) -> bool {
+        self.audiences().any(|held| held == audience)
+    }
+
+    /// The claims, owned again: what a Redis entry seals.
+    pub fn claims(&self) -> Claims {
+        Claims {
+            exp: self.exp(),
+            sub: self.sub().map(Into::into),
+            client_id: self.client_id().map(Into::into),
+            scopes: self.scopes().map(Into::into).collect(),
+            audiences: self.audiences().map(Into::into).collect(),
+        }
+    }
+
+    /// Bytes held, for the in-process tier's byte bound.
+    pub fn size(&self) -> usize {
+        self.0.len()
+    }
+
+    fn claims_len(&self) -> usize {
+        u32::from_le_bytes(self.0[CLAIMS_LEN..SCOPES].try_into().unwrap_or_default()) as usize
+    }
+
+    fn count(&self, at: usize) -> usize {
+        usize::from(u16::from_le_bytes([self.0[at], self.0[at + 1]]))
+    }
+
+    /// `sub`, `client_id`, the scopes and the audiences, in that order.
+    fn strings(&self) -> impl Iterator<Item = &str> {
+        let claims = &self.0[HEADER..HEADER + self.claims_len()];
+        claims
+            .split(|&b| b == 0)
+            .map(|s| std::str::from_utf8(s).unwrap_or_default())
+    }
+}
+
+impl std::fmt::Debug for Grant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Claims name the caller; the JWT is a credential: only its length is shown.
+        f.debug_struct("Grant")
+            .field("authorization_len", &self.authorization_bytes().len())
+            .field("scopes", &self.count(SCOPES))
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(
+        sub: Option<&str>,
+        client_id: Option<&str>,
+        scopes: &[&str],
+        auds: &[&str],
+    ) -> Claims {
+        Claims {
+            exp: Some(2_000_000_000),
+            sub: sub.map(Into::into),
+            client_id: client_id.map(Into::into),
+            scopes: scopes.iter().map(|&s| s.into()).collect(),
+            audiences: auds.iter().map(|&a| a.into()).collect(),
+        }
+    }
+
+    #[test]
+    fn every_claim_reads_back_as_given() {
+        let long = "x".repeat(1024);
+        for claims in [
+            Claims::default(),
+            claims(Some("alice"), Some("web"), &["read", "write"], &["api"]),
+            claims(None, Some("svc"), &[], &["a", "b", "c"]),
+            claims(Some("ü-ñ"), None, &["only"], &[]),
+            claims(
+                Some(&long),
+                Some(&long),
+                &[long.as_str(); 256],
+                &[long.as_str(); 256],
+            ),
+        ] {
+            for jwt in ["a.b.c", &format!("h.{}.s", "p".repeat(5000))] {
+                let grant = Grant::new(jwt, &claims);
+                assert_eq!(grant.claims(), claims);
+                assert_eq!(grant.authorization(), format!("Bearer {jwt}"));
+                assert_eq!(
+                    grant.authorization_bytes(),
+                    grant.authorization().as_bytes()
+                );
+                assert_eq!(grant.has_scope("read"), claims.has_scope("read"));
+                assert_eq!(grant.has_audience("api"), claims.has_audience("api"));
+            }
+        }
+        let none = Claims {
+            exp: None,
+            ..Claims::default()
+        };
+        assert_eq!(Grant::new("a.b.c", &none).exp(), None);
+        let zero = Claims {
+            exp: Some(0),
+            ..Claims::default()
+        };
+        assert_eq!(Grant::new("a.b.c", &zero).exp(), Some(0));
+    }
+
+    #[test]
+    fn a_value_holding_a_nul_is_left_out_and_cannot_shift_the_others() {
+        let grant = Grant::new(
+            "a.b.c",
+            &claims(
+                Some("a\0b"),
+                Some("web"),
+                &["read\0admin", "write"],
+                &["x\0", "api"],
+            ),
+        );
+        assert_eq!(grant.sub(), None);
+        assert_eq!(grant.client_id(), Some("web"));
+        assert_eq!(grant.scopes().collect::<Vec<_>>(), ["write"]);
+        assert_eq!(grant.audiences().collect::<Vec<_>>(), ["api"]);
+        assert!(!grant.has_scope("admin") && !grant.has_scope("read"));
+    }
+
+    #[test]
+    fn debug_hides_the_jwt_and_the_claims() {
+        let grant = Grant::new(
+            "eyJ.secret.sig",
+            &claims(Some("alice"), None, &["read"], &[]),
+        );
+        let shown = format!("{grant:?}");
+        assert!(
+            !shown.contains("secret") && !shown.contains("alice"),
+            "{shown}"
+        );
+    }
+}
