@@ -146,11 +146,11 @@ impl Authorizer {
         tokio::spawn(
             async move {
                 let authorizer = &landing.authorizer;
-                let (outcome, keep) = authorizer.resolve(key, token.borrow()).await;
+                let (outcome, kept) = authorizer.resolve(key, token.borrow(), since).await;
                 let _ = tx.send(Some(outcome));
-                // Kept after answering, while Checks arriving meanwhile still join this flight.
-                if let Some(keep) = keep {
-                    authorizer.keep(since, key, token.borrow(), keep).await;
+                // Once the answer is out, the entry kept in process moves to where entries live.
+                if let Some(kept) = kept {
+                    authorizer.settle(since, key, kept).await;
                 }
                 // Then the flight leaves the map; later Checks find the caches filled.
                 drop(landing);
@@ -160,15 +160,21 @@ impl Authorizer {
         answer
     }
 
-    /// The flight's answer, and the entry to keep once it is given.
-    async fn resolve(&self, key: CacheKey, token: Token<'_>) -> (Outcome, Option<Keep>) {
+    /// The flight's answer, and the entry it kept in process, if any.
+    async fn resolve(
+        &self,
+        key: CacheKey,
+        token: Token<'_>,
+        since: Option<Generation>,
+    ) -> (Outcome, Option<CachedJwt>) {
         if let Some(shared) = &self.shared {
             let span = telemetry::cache_span(Tier::Redis);
             match shared.get(token).instrument(span.clone()).await {
                 Ok(Some(entry)) => {
                     self.looked_up(&span, Tier::Redis, Lookup::Hit);
+                    let kept = self.remember_locally(since, key, &entry) && self.local.is_some();
                     let outcome = Outcome::Allow(AllowedJwt(entry.grant.clone()));
-                    return (outcome, Some(Keep { entry, ttl: None }));
+                    return (outcome, kept.then_some(entry));
                 }
                 Ok(None) => self.looked_up(&span, Tier::Redis, Lookup::Miss),
                 Err(CacheError::Corrupt) => {
@@ -198,7 +204,7 @@ impl Authorizer {
         );
         drop(span);
         match introspected {
-            Ok(Introspected::Active(active)) => self.admit(active),
+            Ok(Introspected::Active(active)) => self.admit(since, key, token, active),
             Ok(Introspected::Inactive) => {
                 if let Some(inactive) = &self.inactive {
                     inactive.put(key, (), self.ttls.inactive);
@@ -212,8 +218,15 @@ impl Authorizer {
         }
     }
 
-    /// Turns an active answer into an allow, to be cached for as long as it may be.
-    fn admit(&self, active: ActiveToken) -> (Outcome, Option<Keep>) {
+    /// Turns an active answer into an allow, and caches it for as long as it may be; returns
+    /// the entry too when it was kept in process.
+    fn admit(
+        &self,
+        since: Option<Generation>,
+        key: CacheKey,
+        token: Token<'_>,
+        active: ActiveToken,
+    ) -> (Outcome, Option<CachedJwt>) {
         let now_ms = now_ms();
         let Some(ttl) = cache_ttl(&active, self.ttls.default, self.ttls.max, now_ms) else {
             tracing::warn!("identity server vouched for an expired JWT; denying");
@@ -225,32 +238,30 @@ impl Authorizer {
                 .saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
         };
         let outcome = Outcome::Allow(AllowedJwt(entry.grant.clone()));
-        let keep = (!ttl.is_zero()).then_some(Keep {
-            entry,
-            ttl: Some(ttl),
-        });
-        (outcome, keep)
-    }
-
-    /// Caches an allow once it has been given: in process (unless an eviction came after
-    /// `since`), then, for a fresh introspection, in Redis.
-    async fn keep(&self, since: Option<Generation>, key: CacheKey, token: Token<'_>, keep: Keep) {
-        let Keep { mut entry, ttl } = keep;
-        if self.local.is_some() {
-            entry.grant = entry.grant.settle().await;
+        if ttl.is_zero() {
+            return (outcome, None);
         }
         let fresh = self.remember_locally(since, key, &entry);
-        let Some((shared, ttl)) = self.shared.as_ref().zip(ttl).filter(|_| fresh) else {
-            return;
-        };
-        // The write does not delay the flight's landing; its failure is counted inside. An
-        // eviction that lands first leaves a tombstone the write does not overwrite.
-        let write = shared.put(token, &entry, ttl);
-        tokio::spawn(async move {
-            if let Err(error) = write.await {
-                tracing::debug!(%error, "redis write failed");
-            }
-        });
+        if let Some(shared) = self.shared.as_ref().filter(|_| fresh) {
+            // The write does not delay the answer; its failure is counted inside. An eviction
+            // that lands first leaves a tombstone the write does not overwrite.
+            let write = shared.put(token, &entry, ttl);
+            tokio::spawn(async move {
+                if let Err(error) = write.await {
+                    tracing::debug!(%error, "redis write failed");
+                }
+            });
+        }
+        (outcome, (fresh && self.local.is_some()).then_some(entry))
+    }
+
+    /// Replaces an entry just kept in process with a copy made where entries live
+    /// ([`Grant::settle`]), unless an eviction came after `since`.
+    async fn settle(&self, since: Option<Generation>, key: CacheKey, mut entry: CachedJwt) {
+        // The Checks waiting on this flight write their answers first.
+        tokio::task::yield_now().await;
+        entry.grant = entry.grant.settle().await;
+        self.remember_locally(since, key, &entry);
     }
 
     /// Keeps an entry in process unless an eviction came after `since`; returns false when one
@@ -339,13 +350,6 @@ impl crate::cache::evictions::Forget for Authorizer {
     fn forget_all(&self) {
         self.forget_all_locally();
     }
-}
-
-/// An allow a flight caches once it has answered: `ttl` for Redis too (a fresh introspection),
-/// `None` for what came from Redis.
-struct Keep {
-    entry: CachedJwt,
-    ttl: Option<Duration>,
 }
 
 /// Removes a flight from the map when its task ends, however it ends (a panic included, so
@@ -478,7 +482,7 @@ mod tests {
         ))
     }
 
-    /// Waits until every flight has landed (they land just after answering).
+    /// Waits until every flight has landed (they land after answering and caching).
     async fn landed(authorizer: &Authorizer) {
         while !authorizer.flights.lock().unwrap().is_empty() {
             tokio::task::yield_now().await;

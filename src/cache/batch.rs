@@ -57,14 +57,22 @@ impl Batcher {
     }
 
     /// Sends everything queued once the lookups runnable now have joined, and answers each.
-    async fn send(self: Arc<Self>) {
+    /// The queue is owed from the moment the task is made, before it first runs.
+    fn send(self: Arc<Self>) -> impl Future<Output = ()> + Send + 'static {
         let pending = Pending {
             batcher: self,
             taken: false,
         };
-        // Checks woken together run before this task does: their lookups join the pipeline.
-        tokio::task::yield_now().await;
-        let (this, batch) = pending.take();
+        async move {
+            // Checks woken together run before this task does: their lookups join the
+            // pipeline.
+            tokio::task::yield_now().await;
+            let (this, batch) = pending.take();
+            this.pipeline(batch).await;
+        }
+    }
+
+    async fn pipeline(&self, batch: Vec<Waiting>) {
         let mut pipeline = redis::pipe();
         // A key someone made a list or a hash fails its own lookup, not the whole pipeline.
         pipeline.ignore_errors();
@@ -74,9 +82,9 @@ impl Batcher {
                 names => pipeline.mget(names),
             };
         }
-        let mut connection = this.connection.clone();
+        let mut connection = self.connection.clone();
         let sent = tokio::time::timeout(
-            this.timeout,
+            self.timeout,
             pipeline.query_async::<Vec<Value>>(&mut connection),
         )
         .await;

@@ -8,9 +8,11 @@
 //! One allocation instead of four (the grant, its `Authorization`, `sub`, the scope list): about
 //! 180 bytes less per entry, and one cache miss instead of four when a hit reads it.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, mpsc};
 
-use crate::jwt::Claims;
+use tokio::sync::oneshot;
+
+use crate::jwt::{Claims, MAX_LISTED, MAX_VALUE_LEN};
 
 /// An active token's grant; cloning it is a reference count.
 #[derive(Clone, PartialEq, Eq)]
@@ -25,11 +27,22 @@ const BEARER: &str = "Bearer ";
 
 impl Grant {
     /// The grant of `jwt` with `claims`. A claim value holding a NUL is left out, as values
-    /// past the bounds are when a JWT is read: that can only ever deny a route, never open one.
-    pub fn new(jwt: &str, claims: &Claims) -> Grant {
-        let kept = |value: &&str| !value.contains('\0');
-        let scopes: Vec<&str> = claims.scopes.iter().map(|s| &**s).filter(kept).collect();
-        let audiences: Vec<&str> = claims.audiences.iter().map(|a| &**a).filter(kept).collect();
+    /// past the bounds are when a JWT is read: that can only ever deny a route, never open one
+    /// (though the claim headers and Envoy's metadata then lack it too).
+    pub fn new<'a>(jwt: &str, claims: &'a Claims) -> Grant {
+        // Bounded as a JWT's claims are when read, whatever the source (a sealed Redis entry
+        // is read without them): the lengths below then always fit their fields.
+        let kept = |value: &&str| value.len() <= MAX_VALUE_LEN && !value.contains('\0');
+        let list = |values: &'a [Box<str>]| -> Vec<&'a str> {
+            values
+                .iter()
+                .map(|v| &**v)
+                .filter(kept)
+                .take(MAX_LISTED)
+                .collect()
+        };
+        let scopes = list(&claims.scopes);
+        let audiences = list(&claims.audiences);
         let sub = claims.sub.as_deref().filter(kept).unwrap_or_default();
         let client_id = claims.client_id.as_deref().filter(kept).unwrap_or_default();
         let strings = [sub, client_id].into_iter().chain(scopes.iter().copied());
@@ -40,7 +53,7 @@ impl Grant {
         let (present, exp) = claims.exp.map_or((0, 0), |exp| (1, exp));
         bytes.push(present);
         bytes.extend_from_slice(&exp.to_le_bytes());
-        // Bounded when read from a JWT: at most 256 values of at most 1 KiB each.
+        // At most 514 values of at most 1 KiB each: well inside u32, and the counts in u16.
         bytes.extend_from_slice(&(claims_len as u32).to_le_bytes());
         bytes.extend_from_slice(&(scopes.len() as u16).to_le_bytes());
         bytes.extend_from_slice(&(audiences.len() as u16).to_le_bytes());
@@ -53,21 +66,24 @@ impl Grant {
         Grant(bytes.into())
     }
 
-    /// A copy of the grant, made on a thread of tokio's blocking pool: where it is to stay,
-    /// in the in-process tier, for minutes or hours.
+    /// A copy of the grant, made on a thread of its own: where it is to stay, in the in-process
+    /// tier, for minutes or hours.
     ///
     /// glibc's malloc gives each thread an arena of its own. Made on the runtime's thread, a
     /// long-lived entry lands among the kilobytes every miss allocates and frees around it
     /// (the IdP's answer, its JSON, the decoded claims) and pins the holes they leave: a quarter
-    /// more memory per entry. Made here, entries are packed with entries. Measured with 100k
-    /// introspected tokens and a 1,000-byte JWT: 1,386 → 1,159 bytes per cached token. The
-    /// flight answers its Checks before this runs, so no Check waits for it.
+    /// more memory per entry. Made on the one settling thread, entries are packed with entries.
+    /// Measured with 100k introspected tokens and a 1,000-byte JWT: 1,386 → 1,159 bytes per
+    /// cached token. The flight answers its Checks before this runs, so no Check waits for it.
     pub async fn settle(self) -> Grant {
-        let grant = self.clone();
-        // The copy can only fail to run if the runtime is shutting down: keep the original.
-        tokio::task::spawn_blocking(move || Grant(Arc::from(&grant.0[..])))
-            .await
-            .unwrap_or(self)
+        let (settled, copy) = oneshot::channel();
+        match settler() {
+            Some(settler) if settler.send((self.clone(), settled)).is_ok() => {
+                copy.await.unwrap_or(self)
+            }
+            // No thread could be started: the entry is kept as it is.
+            _ => self,
+        }
     }
 
     /// `Bearer <JWT>`, as forwarded.
@@ -148,6 +164,33 @@ impl Grant {
             .split(|&b| b == 0)
             .map(|s| std::str::from_utf8(s).unwrap_or_default())
     }
+}
+
+type Settle = (Grant, oneshot::Sender<Grant>);
+
+/// The settling thread's queue, started on first use; one thread for the process, so one
+/// arena for its entries.
+fn settler() -> Option<&'static mpsc::Sender<Settle>> {
+    static SETTLER: OnceLock<Option<mpsc::Sender<Settle>>> = OnceLock::new();
+    SETTLER
+        .get_or_init(|| {
+            let (queue, grants) = mpsc::channel::<Settle>();
+            let started = std::thread::Builder::new()
+                .name("phantom-authz-settle".into())
+                .spawn(move || {
+                    for (grant, settled) in grants {
+                        let _ = settled.send(Grant(Arc::from(&grant.0[..])));
+                    }
+                });
+            match started {
+                Ok(_) => Some(queue),
+                Err(error) => {
+                    tracing::warn!(%error, "no thread to settle cache entries on; keeping them where they are made");
+                    None
+                }
+            }
+        })
+        .as_ref()
 }
 
 impl std::fmt::Debug for Grant {
@@ -234,6 +277,20 @@ mod tests {
         assert_eq!(grant.scopes().collect::<Vec<_>>(), ["write"]);
         assert_eq!(grant.audiences().collect::<Vec<_>>(), ["api"]);
         assert!(!grant.has_scope("admin") && !grant.has_scope("read"));
+    }
+
+    #[test]
+    fn lists_past_the_bounds_are_cut_and_cannot_spill_into_each_other() {
+        // A sealed Redis entry is read without the bounds a JWT is read with.
+        let many: Vec<String> = (0..70_000).map(|i| format!("s{i}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let grant = Grant::new("a.b.c", &claims(None, None, &many, &["api"]));
+        assert_eq!(grant.scopes().count(), MAX_LISTED);
+        assert_eq!(grant.audiences().collect::<Vec<_>>(), ["api"]);
+        assert!(!grant.has_audience("s1"));
+        let long = "x".repeat(MAX_VALUE_LEN + 1);
+        let grant = Grant::new("a.b.c", &claims(Some(&long), None, &[&long], &[]));
+        assert_eq!((grant.sub(), grant.scopes().count()), (None, 0));
     }
 
     #[test]
