@@ -1,7 +1,8 @@
-//! The cache tiers holding token→JWT entries: [`local`] in process, [`redis`] shared between
-//! replicas behind the [`SharedCache`] trait (over one server, a Redis Cluster or Sentinel:
-//! [`connection`]), and [`evictions`], how replicas tell each other to drop an entry. Allows
-//! are cached in both tiers, inactive tokens briefly in process only.
+//! The cache tiers holding token→JWT entries ([`Grant`]s): [`local`] in process, [`redis`]
+//! shared between replicas behind the [`SharedCache`] trait (over one server, a Redis Cluster or
+//! Sentinel: [`connection`]; lookups made together pipelined by [`batch`]), and [`evictions`],
+//! how replicas tell each other to drop an entry. Allows are cached in both tiers, inactive
+//! tokens briefly in process only.
 
 pub mod batch;
 pub mod connection;

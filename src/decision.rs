@@ -386,7 +386,8 @@ impl Responder {
                 .iter()
                 .map(|(_, header)| field_len(OK_HEADERS_TO_REMOVE, header.len()))
                 .sum::<usize>();
-        let metadata = metadata_len(grant);
+        let fields = MetadataFields::of(grant);
+        let metadata = metadata_len(&fields);
 
         // CheckResponse.status: google.rpc.Status, code 0 (OK) and nothing else.
         put_len(RESPONSE_STATUS, 0, buf);
@@ -401,7 +402,7 @@ impl Responder {
         }
         if metadata > 0 {
             put_len(RESPONSE_METADATA, metadata, buf);
-            put_metadata(grant, buf);
+            put_metadata(&fields, grant, buf);
         }
     }
 }
@@ -467,12 +468,26 @@ fn metadata_strings(grant: &Grant) -> [(&'static str, Option<&str>); 2] {
     [("sub", grant.sub()), ("client_id", grant.client_id())]
 }
 
-/// The scopes joined by spaces: their length, or `None` without scopes.
-fn scope_len(grant: &Grant) -> Option<usize> {
-    let (count, bytes) = grant.scopes().fold((0, 0), |(count, bytes), scope| {
-        (count + 1, bytes + scope.len())
-    });
-    (count > 0).then(|| bytes + count - 1)
+/// What [`encode_allow`](Responder::encode_allow) writes as metadata, read from the grant once
+/// for both the lengths and the writing.
+struct MetadataFields<'a> {
+    strings: [(&'static str, Option<&'a str>); 2],
+    /// The scopes joined by spaces: their length, or `None` without scopes.
+    scope_len: Option<usize>,
+    exp: Option<u64>,
+}
+
+impl<'a> MetadataFields<'a> {
+    fn of(grant: &'a Grant) -> Self {
+        let (count, bytes) = grant.scopes().fold((0, 0), |(count, bytes), scope| {
+            (count + 1, bytes + scope.len())
+        });
+        MetadataFields {
+            strings: metadata_strings(grant),
+            scope_len: (count > 0).then(|| bytes + count - 1),
+            exp: grant.exp(),
+        }
+    }
 }
 
 /// One `Struct.fields` map entry whose value is `value_len` bytes of `Value`.
@@ -484,17 +499,17 @@ fn entry_len(name: &str, value_len: usize) -> usize {
 }
 
 /// Bytes of the `Struct` of [`metadata`]; 0 when it has no field (and is left out).
-fn metadata_len(grant: &Grant) -> usize {
+fn metadata_len(fields: &MetadataFields<'_>) -> usize {
     let mut len = 0;
-    for (name, value) in metadata_strings(grant) {
+    for (name, value) in fields.strings {
         if let Some(value) = value {
             len += entry_len(name, field_len(VALUE_STRING, value.len()));
         }
     }
-    if let Some(scope_len) = scope_len(grant) {
+    if let Some(scope_len) = fields.scope_len {
         len += entry_len("scope", field_len(VALUE_STRING, scope_len));
     }
-    if grant.exp().is_some() {
+    if fields.exp.is_some() {
         len += entry_len("exp", encoding::key_len(VALUE_NUMBER) + 8);
     }
     len
@@ -510,14 +525,14 @@ fn put_entry(name: &str, value_len: usize, buf: &mut impl BufMut) {
     put_len(ENTRY_VALUE, value_len, buf);
 }
 
-fn put_metadata(grant: &Grant, buf: &mut impl BufMut) {
-    for (name, value) in metadata_strings(grant) {
+fn put_metadata(fields: &MetadataFields<'_>, grant: &Grant, buf: &mut impl BufMut) {
+    for (name, value) in fields.strings {
         if let Some(value) = value {
             put_entry(name, field_len(VALUE_STRING, value.len()), buf);
             put_str(VALUE_STRING, value, buf);
         }
     }
-    if let Some(len) = scope_len(grant) {
+    if let Some(len) = fields.scope_len {
         put_entry("scope", field_len(VALUE_STRING, len), buf);
         put_len(VALUE_STRING, len, buf);
         for (i, scope) in grant.scopes().enumerate() {
@@ -527,7 +542,7 @@ fn put_metadata(grant: &Grant, buf: &mut impl BufMut) {
             buf.put_slice(scope.as_bytes());
         }
     }
-    if let Some(exp) = grant.exp() {
+    if let Some(exp) = fields.exp {
         put_entry("exp", encoding::key_len(VALUE_NUMBER) + 8, buf);
         encoding::encode_key(VALUE_NUMBER, WireType::SixtyFourBit, buf);
         buf.put_f64_le(exp as f64);
