@@ -7,20 +7,13 @@ use bytes::BufMut;
 use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
 use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
-use envoy_types::pb::envoy::service::auth::v3::{
-    CheckResponse, DeniedHttpResponse, OkHttpResponse,
-};
+use envoy_types::pb::envoy::service::auth::v3::{CheckResponse, DeniedHttpResponse};
 use envoy_types::pb::envoy::r#type::v3::{HttpStatus, StatusCode};
 use envoy_types::pb::google::rpc::Status;
 use prost::encoding::{self, WireType};
 use tonic::Code;
 
 use std::sync::Arc;
-
-use std::collections::HashMap;
-
-use envoy_types::pb::google::protobuf::value::Kind;
-use envoy_types::pb::google::protobuf::{Struct, Value};
 
 use crate::cache::Grant;
 use crate::token::TokenProblem;
@@ -295,52 +288,27 @@ impl Responder {
         }
     }
 
-    pub fn respond(&self, outcome: &Outcome) -> CheckResponse {
+    /// The `CheckResponse` of a denial: its status, gRPC code and challenge. (An allow is
+    /// written by [`Responder::encode_allow`], without a message.)
+    fn deny(&self, outcome: &Outcome) -> CheckResponse {
         let row = outcome.row();
-        let mut dynamic_metadata = None;
-        let http_response = match outcome {
-            Outcome::Allow(AllowedJwt(grant)) => {
-                let mut headers = Vec::with_capacity(1 + self.claim_headers.len());
-                headers.push(overwrite("authorization", grant.authorization().to_owned()));
-                for (claim, header) in &self.claim_headers {
-                    if let Some(value) = claim.value(grant) {
-                        headers.push(overwrite(header, value));
-                    }
-                }
-                dynamic_metadata = metadata(grant);
-                HttpResponse::OkResponse(OkHttpResponse {
-                    headers,
-                    // A client's own copy of a claim header never reaches the upstream, whether
-                    // or not this token has the claim.
-                    headers_to_remove: self
-                        .claim_headers
-                        .iter()
-                        .map(|(_, header)| (*header).to_owned())
-                        .collect(),
-                    ..Default::default()
-                })
-            }
-            _ => {
-                let challenge = self.challenge(outcome);
-                HttpResponse::DeniedResponse(DeniedHttpResponse {
-                    status: Some(HttpStatus {
-                        code: row.http.envoy() as i32,
-                    }),
-                    headers: challenge
-                        .map(|value| overwrite("www-authenticate", value))
-                        .into_iter()
-                        .collect(),
-                    body: String::new(),
-                })
-            }
-        };
+        let challenge = self.challenge(outcome);
         CheckResponse {
             status: Some(Status {
                 code: row.grpc as i32,
                 ..Default::default()
             }),
-            http_response: Some(http_response),
-            dynamic_metadata,
+            http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
+                status: Some(HttpStatus {
+                    code: row.http.envoy() as i32,
+                }),
+                headers: challenge
+                    .map(|value| overwrite("www-authenticate", value))
+                    .into_iter()
+                    .collect(),
+                body: String::new(),
+            })),
+            dynamic_metadata: None,
         }
     }
 }
@@ -358,13 +326,22 @@ impl Responder {
     pub fn answer(&self, outcome: Outcome) -> Answer {
         match outcome {
             Outcome::Allow(AllowedJwt(grant)) => Answer::Allow(grant),
-            denial => Answer::Message(Box::new(self.respond(&denial))),
+            denial => Answer::Message(Box::new(self.deny(&denial))),
         }
     }
 
-    /// Writes the `CheckResponse` that [`Responder::respond`] builds for an allow of `grant`,
-    /// in protobuf, without building it: every allow, cache hits included, would otherwise
-    /// copy the JWT into a message and hash the metadata into a map, only to encode both.
+    /// Writes, in protobuf, the `CheckResponse` of an allow of `grant`, without building it
+    /// (every allow, cache hits included, would otherwise copy the JWT into a message and hash
+    /// the metadata into a map, only to encode both):
+    ///
+    /// - status OK;
+    /// - `authorization: Bearer <JWT>` and each configured claim header the token has, each
+    ///   `OVERWRITE_IF_EXISTS_OR_ADD`;
+    /// - every configured claim header in `headers_to_remove`: a client's own copy never
+    ///   reaches the upstream, whether or not this token has the claim;
+    /// - dynamic metadata saying who the caller is, for Envoy's access log, RBAC and rate
+    ///   limits (`%DYNAMIC_METADATA(envoy.filters.http.ext_authz:sub)%`): `sub`, `client_id`,
+    ///   `scope` and `exp`, those the token has, left out when it has none.
     pub fn encode_allow(&self, grant: &Grant, buf: &mut impl BufMut) {
         // Values of the claim headers the token has; none are configured by default.
         let claim_headers: Vec<(&str, String)> = self
@@ -462,7 +439,7 @@ fn put_header_option(key: &str, value: &[u8], len: usize, buf: &mut impl BufMut)
     encoding::encode_varint(HeaderAppendAction::OverwriteIfExistsOrAdd as u64, buf);
 }
 
-/// The string fields of [`metadata`] taken as they are (`scope` is joined as it is written,
+/// The string fields of the metadata, taken as they are (`scope` is joined as it is written,
 /// `exp` is a number).
 fn metadata_strings(grant: &Grant) -> [(&'static str, Option<&str>); 2] {
     [("sub", grant.sub()), ("client_id", grant.client_id())]
@@ -498,7 +475,7 @@ fn entry_len(name: &str, value_len: usize) -> usize {
     )
 }
 
-/// Bytes of the `Struct` of [`metadata`]; 0 when it has no field (and is left out).
+/// Bytes of the metadata's `Struct`; 0 when it has no field (and is left out).
 fn metadata_len(fields: &MetadataFields<'_>) -> usize {
     let mut len = 0;
     for (name, value) in fields.strings {
@@ -547,37 +524,6 @@ fn put_metadata(fields: &MetadataFields<'_>, grant: &Grant, buf: &mut impl BufMu
         encoding::encode_key(VALUE_NUMBER, WireType::SixtyFourBit, buf);
         buf.put_f64_le(exp as f64);
     }
-}
-
-/// Who the caller is, for Envoy's access log, RBAC and rate limits
-/// (`%DYNAMIC_METADATA(envoy.filters.http.ext_authz:sub)%`): `sub`, `client_id`, `scope` and
-/// `exp`, those the token has.
-fn metadata(grant: &Grant) -> Option<Struct> {
-    let text = |value: &str| Value {
-        kind: Some(Kind::StringValue(value.to_owned())),
-    };
-    // Sized for all four at once: growing from empty rehashes on the way.
-    let mut fields = HashMap::with_capacity(4);
-    for (name, value) in metadata_strings(grant) {
-        if let Some(value) = value {
-            fields.insert(name.to_owned(), text(value));
-        }
-    }
-    if grant.scopes().next().is_some() {
-        fields.insert(
-            "scope".to_owned(),
-            text(&grant.scopes().collect::<Vec<_>>().join(" ")),
-        );
-    }
-    if let Some(exp) = grant.exp() {
-        fields.insert(
-            "exp".to_owned(),
-            Value {
-                kind: Some(Kind::NumberValue(exp as f64)),
-            },
-        );
-    }
-    (!fields.is_empty()).then_some(Struct { fields })
 }
 
 /// A forward-auth answer: the status, the headers the gateway copies (on an allow) or relays
@@ -653,6 +599,13 @@ fn overwrite(key: &str, value: String) -> HeaderValueOption {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
+    use envoy_types::pb::google::protobuf::value::Kind;
+    use envoy_types::pb::google::protobuf::{Struct, Value};
+
+    use envoy_types::pb::envoy::service::auth::v3::OkHttpResponse;
+
     use super::*;
     use crate::jwt::Claims;
 
@@ -674,13 +627,59 @@ mod tests {
         }
     }
 
+    /// The message of an allow, built field by field: what [`Responder::encode_allow`] must
+    /// write.
+    fn built_allow(responder: &Responder, grant: &Grant) -> CheckResponse {
+        let mut headers = vec![overwrite("authorization", grant.authorization().to_owned())];
+        for (claim, header) in &responder.claim_headers {
+            if let Some(value) = claim.value(grant) {
+                headers.push(overwrite(header, value));
+            }
+        }
+        let text = |value: &str| Value {
+            kind: Some(Kind::StringValue(value.to_owned())),
+        };
+        let mut fields = HashMap::new();
+        if let Some(sub) = grant.sub() {
+            fields.insert("sub".to_owned(), text(sub));
+        }
+        if let Some(client_id) = grant.client_id() {
+            fields.insert("client_id".to_owned(), text(client_id));
+        }
+        let scopes: Vec<&str> = grant.scopes().collect();
+        if !scopes.is_empty() {
+            fields.insert("scope".to_owned(), text(&scopes.join(" ")));
+        }
+        if let Some(exp) = grant.exp() {
+            let exp = Kind::NumberValue(exp as f64);
+            fields.insert("exp".to_owned(), Value { kind: Some(exp) });
+        }
+        CheckResponse {
+            status: Some(Status::default()),
+            http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
+                headers,
+                headers_to_remove: responder
+                    .claim_headers
+                    .iter()
+                    .map(|(_, header)| (*header).to_owned())
+                    .collect(),
+                ..Default::default()
+            })),
+            dynamic_metadata: (!fields.is_empty()).then_some(Struct { fields }),
+        }
+    }
+
+    /// What [`Responder::encode_allow`] writes, decoded.
+    fn written_allow(responder: &Responder, grant: &Grant) -> CheckResponse {
+        let mut written = Vec::new();
+        responder.encode_allow(grant, &mut written);
+        prost::Message::decode(&written[..]).unwrap()
+    }
+
     #[test]
     fn allow_overwrites_authorization() {
         let responder = Responder::new("api", Vec::new());
-        let response = responder.respond(&Outcome::Allow(AllowedJwt(Grant::new(
-            "a.b.c",
-            &Default::default(),
-        ))));
+        let response = written_allow(&responder, &Grant::new("a.b.c", &Default::default()));
         assert_eq!(response.status.unwrap().code, Code::Ok as i32);
         let HttpResponse::OkResponse(ok) = response.http_response.unwrap() else {
             panic!("expected an ok response");
@@ -741,7 +740,9 @@ mod tests {
             (Outcome::IdpUnexpected, 500, Code::Internal, None),
         ];
         for (outcome, http, code, www) in rows {
-            let response = responder.respond(&outcome);
+            let Answer::Message(response) = responder.answer(outcome.clone()) else {
+                panic!("a denial is a message");
+            };
             assert_eq!(denied_status(&response), http, "{outcome:?}");
             assert_eq!(i32::from(outcome.row().http.as_u16()), http, "{outcome:?}");
             assert_eq!(
@@ -755,7 +756,7 @@ mod tests {
     }
 
     #[test]
-    fn an_allow_written_from_its_grant_is_the_message_respond_builds() {
+    fn an_allow_written_from_its_grant_is_the_message_built_field_by_field() {
         let claims = |sub: Option<&str>, client_id: Option<&str>, scopes: &[&str], exp| Claims {
             exp,
             sub: sub.map(Into::into),
@@ -794,11 +795,9 @@ mod tests {
                     let grant = Grant::new(jwt, claims);
                     let mut written = Vec::new();
                     responder.encode_allow(&grant, &mut written);
-                    let outcome = Outcome::Allow(AllowedJwt(grant));
-                    let built = responder.respond(&outcome);
+                    let built = built_allow(responder, &grant);
                     assert_eq!(written.len(), prost::Message::encoded_len(&built));
-                    let decoded: CheckResponse = prost::Message::decode(&written[..]).unwrap();
-                    assert_eq!(decoded, built, "{claims:?}");
+                    assert_eq!(written_allow(responder, &grant), built, "{claims:?}");
                 }
             }
         }
