@@ -59,18 +59,6 @@ impl Claims {
             }
         }
     }
-
-    /// Bytes held, for cache accounting.
-    pub fn weight(&self) -> usize {
-        let strings = self
-            .scopes
-            .iter()
-            .chain(&self.audiences)
-            .map(|s| s.len() + 16);
-        strings.sum::<usize>()
-            + self.sub.as_ref().map_or(0, |s| s.len())
-            + self.client_id.as_ref().map_or(0, |s| s.len())
-    }
 }
 
 /// A value worth keeping: not empty, not over [`MAX_VALUE_LEN`].
