@@ -1,10 +1,13 @@
-//! The flow of one Check once a token is in hand: local cache, then one flight per token
-//! (Redis, then the IdP), and the TTL under which an answer is remembered.
+//! The flow of one Check once a token is in hand: local cache, then Redis, then one flight per
+//! token to the IdP, and the TTL under which an answer is remembered.
 //!
-//! A flight runs as a task of its own, not inside the Check that started it: Envoy cancels a
-//! Check at its deadline, and the introspection goes on to its end anyway (bounded by the
-//! IdP client's timeout), is counted by the guard and the metrics, and fills the caches, so the
-//! retry is a hit instead of another call to a slow IdP.
+//! A Check reads Redis itself: a Redis hit costs one pipelined `GET` and no task. Checks that
+//! find a flight under way join it instead, so a burst for one token reads Redis once. A flight
+//! runs as a task of its own, not inside the Check that started it: Envoy cancels a Check at its
+//! deadline, and the introspection goes on to its end anyway (bounded by the IdP client's
+//! timeout), is counted by the guard and the metrics, and fills the caches, so the retry is a hit
+//! instead of another call to a slow IdP. A Check cancelled while it reads Redis hands its lookup
+//! to a flight the same way ([`Handoff`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -101,15 +104,61 @@ impl Authorizer {
             }
             self.count(Tier::Inactive, Lookup::Miss);
         }
-        // Boxed: a cache hit's future stays small, where the wait for a flight is not.
-        Box::pin(self.wait_for_flight(key, token)).await
+        // Boxed: a local hit's future stays small, where the rest is not.
+        Box::pin(self.look_further(key, token)).await
     }
 
-    /// Waits, within the Check's timeout, for the answer of the flight under way for `key`.
-    async fn wait_for_flight(self: &Arc<Self>, key: CacheKey, token: Token<'_>) -> Outcome {
-        let mut answer = self.flight(key, token);
-        let waited =
-            tokio::time::timeout(self.ttls.check_timeout, answer.wait_for(Option::is_some));
+    /// Past this process: Redis, read by the Check itself, then the flight to the IdP; all
+    /// within the Check's timeout.
+    async fn look_further(self: &Arc<Self>, key: CacheKey, token: Token<'_>) -> Outcome {
+        let deadline = tokio::time::Instant::now() + self.ttls.check_timeout;
+        let Some(shared) = &self.shared else {
+            return self
+                .wait_for(key, self.flight(key, token, Via::Idp), deadline)
+                .await;
+        };
+        // A flight under way has read Redis already, or is about to.
+        if let Some(answer) = self.flight_under_way(&key) {
+            return self.wait_for(key, answer, deadline).await;
+        }
+        let since = self.local.as_ref().map(LocalCache::generation);
+        let handoff = Handoff {
+            authorizer: self,
+            key,
+            token,
+        };
+        let looked =
+            tokio::time::timeout_at(deadline, self.read_redis(&**shared, key, token, since));
+        let Ok(found) = looked.await else {
+            // The Check's own timeout: the lookup goes on in a flight, as a cancelled one does.
+            drop(handoff);
+            tracing::debug!(key = ?key, "check timed out waiting for redis");
+            return Outcome::IdpUnavailable;
+        };
+        handoff.done();
+        if let Some((outcome, kept)) = found {
+            if let Some(kept) = kept {
+                let authorizer = Arc::clone(self);
+                tokio::spawn(async move { authorizer.settle(since, key, kept).await });
+            }
+            return outcome;
+        }
+        // A flight that answered while this Check read Redis has filled the in-process tier.
+        if let Some(grant) = self.local.as_ref().and_then(|local| local.get(&key)) {
+            return Outcome::Allow(AllowedJwt(grant));
+        }
+        self.wait_for(key, self.flight(key, token, Via::Idp), deadline)
+            .await
+    }
+
+    /// Waits, until `deadline`, for a flight's answer.
+    async fn wait_for(
+        &self,
+        key: CacheKey,
+        mut answer: Answer,
+        deadline: tokio::time::Instant,
+    ) -> Outcome {
+        let waited = tokio::time::timeout_at(deadline, answer.wait_for(Option::is_some));
         match waited.await {
             Ok(Ok(outcome)) => outcome.clone().unwrap_or(Outcome::IdpUnexpected),
             Ok(Err(_)) => {
@@ -124,9 +173,16 @@ impl Authorizer {
         }
     }
 
-    /// Joins the flight under way for `key`, or starts one. Concurrent Checks of one token share
-    /// a single Redis lookup and IdP call, and its answer, errors included.
-    fn flight(self: &Arc<Self>, key: CacheKey, token: Token<'_>) -> Answer {
+    /// The answer of the flight under way for `key`, if there is one.
+    fn flight_under_way(&self, key: &CacheKey) -> Option<Answer> {
+        let flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
+        flights.get(key).cloned()
+    }
+
+    /// Joins the flight under way for `key`, or starts one that goes `via` Redis or straight to
+    /// the IdP. Concurrent Checks of one token share a single IdP call, and its answer, errors
+    /// included.
+    fn flight(self: &Arc<Self>, key: CacheKey, token: Token<'_>, via: Via) -> Answer {
         let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(answer) = flights.get(&key) {
             return answer.clone();
@@ -146,7 +202,7 @@ impl Authorizer {
         tokio::spawn(
             async move {
                 let authorizer = &landing.authorizer;
-                let (outcome, kept) = authorizer.resolve(key, token.borrow(), since).await;
+                let (outcome, kept) = authorizer.resolve(key, token.borrow(), since, via).await;
                 let _ = tx.send(Some(outcome));
                 // Once the answer is out, the entry kept in process moves to where entries live.
                 if let Some(kept) = kept {
@@ -166,31 +222,12 @@ impl Authorizer {
         key: CacheKey,
         token: Token<'_>,
         since: Option<Generation>,
+        via: Via,
     ) -> (Outcome, Option<CachedJwt>) {
-        if let Some(shared) = &self.shared {
-            let span = telemetry::cache_span(Tier::Redis);
-            match shared.get(token).instrument(span.clone()).await {
-                Ok(Some(entry)) => {
-                    self.looked_up(&span, Tier::Redis, Lookup::Hit);
-                    let kept = self.remember_locally(since, key, &entry) && self.local.is_some();
-                    let outcome = Outcome::Allow(AllowedJwt(entry.grant.clone()));
-                    return (outcome, kept.then_some(entry));
-                }
-                Ok(None) => self.looked_up(&span, Tier::Redis, Lookup::Miss),
-                Err(CacheError::Corrupt) => {
-                    self.looked_up(&span, Tier::Redis, Lookup::Invalid);
-                    tracing::warn!(
-                        key = ?key,
-                        "redis entry failed to open or to pass the checks of an IdP answer; \
-                         introspecting"
-                    );
-                }
-                Err(error) => {
-                    // Outages are logged once by the Redis tier, not once per Check.
-                    self.looked_up(&span, Tier::Redis, Lookup::Error);
-                    tracing::debug!(%error, "redis lookup failed; introspecting");
-                }
-            }
+        if let (Via::Redis, Some(shared)) = (via, &self.shared)
+            && let Some(found) = self.read_redis(&**shared, key, token, since).await
+        {
+            return found;
         }
         let span = telemetry::introspection_span();
         let introspected = self.idp.introspect(token).instrument(span.clone()).await;
@@ -216,6 +253,41 @@ impl Authorizer {
                 (idp_failure(&error), None)
             }
         }
+    }
+
+    /// A Redis hit's allow, and the entry when it was kept in process; `None` when the IdP
+    /// must answer (a miss, an entry that fails to open, Redis failing).
+    async fn read_redis(
+        &self,
+        shared: &dyn SharedCache,
+        key: CacheKey,
+        token: Token<'_>,
+        since: Option<Generation>,
+    ) -> Option<(Outcome, Option<CachedJwt>)> {
+        let span = telemetry::cache_span(Tier::Redis);
+        match shared.get(token).instrument(span.clone()).await {
+            Ok(Some(entry)) => {
+                self.looked_up(&span, Tier::Redis, Lookup::Hit);
+                let kept = self.remember_locally(since, key, &entry) && self.local.is_some();
+                let outcome = Outcome::Allow(AllowedJwt(entry.grant.clone()));
+                return Some((outcome, kept.then_some(entry)));
+            }
+            Ok(None) => self.looked_up(&span, Tier::Redis, Lookup::Miss),
+            Err(CacheError::Corrupt) => {
+                self.looked_up(&span, Tier::Redis, Lookup::Invalid);
+                tracing::warn!(
+                    key = ?key,
+                    "redis entry failed to open or to pass the checks of an IdP answer; \
+                     introspecting"
+                );
+            }
+            Err(error) => {
+                // Outages are logged once by the Redis tier, not once per Check.
+                self.looked_up(&span, Tier::Redis, Lookup::Error);
+                tracing::debug!(%error, "redis lookup failed; introspecting");
+            }
+        }
+        None
     }
 
     /// Turns an active answer into an allow, and caches it for as long as it may be; returns
@@ -349,6 +421,41 @@ impl crate::cache::evictions::Forget for Authorizer {
 
     fn forget_all(&self) {
         self.forget_all_locally();
+    }
+}
+
+/// Where a flight starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Via {
+    /// Redis first: for a Check that did not finish reading it.
+    Redis,
+    /// Straight to the IdP: the Check that starts the flight has read Redis, or there is none.
+    Idp,
+}
+
+/// A Check's Redis lookup, owed to a flight should the Check be dropped before the lookup ends
+/// (Envoy's deadline, or the Check's own): the flight reads Redis again and goes on to the IdP,
+/// so that a Redis slower than the deadline still ends in a filled cache for the retry, and
+/// counts its failures. Forgotten once the lookup has ended.
+struct Handoff<'a> {
+    authorizer: &'a Arc<Authorizer>,
+    key: CacheKey,
+    token: Token<'a>,
+}
+
+impl Handoff<'_> {
+    /// The lookup ended: nothing is owed.
+    fn done(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Handoff<'_> {
+    fn drop(&mut self) {
+        // No runtime to hand to while the process shuts down: the lookup is simply dropped.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let _ = self.authorizer.flight(self.key, self.token, Via::Redis);
+        }
     }
 }
 
@@ -682,6 +789,130 @@ mod tests {
         ) -> BoxFuture<'static, Result<Eviction, CacheError>> {
             Box::pin(async { Err(CacheError::Timeout) })
         }
+    }
+
+    /// A shared-cache double that finds nothing, after a delay, and counts its lookups.
+    struct EmptyCache {
+        delay: Duration,
+        gets: AtomicUsize,
+    }
+
+    impl SharedCache for EmptyCache {
+        fn get<'a>(
+            &'a self,
+            _token: Token<'a>,
+        ) -> BoxFuture<'a, Result<Option<CachedJwt>, CacheError>> {
+            Box::pin(async {
+                self.gets.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(self.delay).await;
+                Ok(None)
+            })
+        }
+
+        fn put(
+            &self,
+            _token: Token<'_>,
+            _entry: &CachedJwt,
+            _ttl: Duration,
+        ) -> BoxFuture<'static, Result<(), CacheError>> {
+            Box::pin(async { Ok(()) })
+        }
+
+        fn evict(
+            &self,
+            _key: &CacheKey,
+            _token: Token<'_>,
+        ) -> BoxFuture<'static, Result<Eviction, CacheError>> {
+            Box::pin(async { Ok(Eviction::default()) })
+        }
+    }
+
+    fn with_cache(idp: Arc<ScriptedIdp>, cache: Arc<EmptyCache>) -> Arc<Authorizer> {
+        Arc::new(Authorizer::new(
+            Some(LocalCache::new(100, 1 << 20)),
+            Some(cache),
+            idp,
+            Ttls {
+                local_cap: Some(Duration::from_secs(60)),
+                ..ttls()
+            },
+        ))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn checks_that_read_redis_together_still_share_one_introspection() {
+        let idp = Arc::new(ScriptedIdp {
+            calls: AtomicUsize::new(0),
+            delay: Duration::from_millis(5),
+            answer: Ok(Introspected::Active(active(
+                CacheDirective::Unspecified,
+                None,
+            ))),
+        });
+        let cache = Arc::new(EmptyCache {
+            delay: Duration::from_millis(1),
+            gets: AtomicUsize::new(0),
+        });
+        let authorizer = with_cache(idp.clone(), cache.clone());
+        let header = "Bearer cold".to_string();
+        let token = parse_bearer(&header, 100).unwrap();
+        let checks: Vec<_> = (0..50).map(|_| authorizer.authorize(token)).collect();
+        for outcome in futures_util::future::join_all(checks).await {
+            assert!(matches!(outcome, Outcome::Allow(_)));
+        }
+        assert_eq!(idp.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(cache.gets.load(Ordering::SeqCst), 50);
+        landed(&authorizer).await;
+        // A Check that finds the flight under way joins it without reading Redis.
+        let late = "Bearer late".to_string();
+        let late = parse_bearer(&late, 100).unwrap();
+        let first = authorizer.authorize(late);
+        let joined = async {
+            tokio::time::sleep(Duration::from_millis(3)).await;
+            authorizer.authorize(late).await
+        };
+        let (first, joined) = tokio::join!(first, joined);
+        assert!(matches!(
+            (first, joined),
+            (Outcome::Allow(_), Outcome::Allow(_))
+        ));
+        assert_eq!(cache.gets.load(Ordering::SeqCst), 51);
+        assert_eq!(idp.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_check_cancelled_while_it_reads_redis_hands_the_lookup_to_a_flight() {
+        let idp = Arc::new(ScriptedIdp {
+            calls: AtomicUsize::new(0),
+            delay: Duration::from_millis(5),
+            answer: Ok(Introspected::Active(active(
+                CacheDirective::Unspecified,
+                None,
+            ))),
+        });
+        // Redis answers later than Envoy waits.
+        let cache = Arc::new(EmptyCache {
+            delay: Duration::from_millis(300),
+            gets: AtomicUsize::new(0),
+        });
+        let authorizer = with_cache(idp.clone(), cache.clone());
+        let header = "Bearer behind-slow-redis".to_string();
+        let token = parse_bearer(&header, 100).unwrap();
+        let envoy =
+            || tokio::time::timeout(Duration::from_millis(200), authorizer.authorize(token));
+        assert!(envoy().await.is_err());
+        // The first Check's lookup went on in a flight (Redis again, then the IdP), which the
+        // retries join: the third gets its answer.
+        assert!(envoy().await.is_err());
+        assert!(matches!(envoy().await, Ok(Outcome::Allow(_))));
+        landed(&authorizer).await;
+        assert_eq!(idp.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(cache.gets.load(Ordering::SeqCst), 2);
+        assert!(matches!(
+            authorizer.authorize(token).await,
+            Outcome::Allow(_)
+        ));
+        assert_eq!(cache.gets.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test(start_paused = true)]
