@@ -4,7 +4,6 @@
 //! sent, goes through the same authorizer, caches and route table, and is answered with the
 //! same decision as an HTTP status and headers.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,15 +11,14 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, Response, StatusCode, header};
-use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
-use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
+use bytes::Bytes;
 use tokio::net::TcpListener;
 
 use crate::config::{HttpConfig, OriginalRequest};
 use crate::decision::Outcome;
 use crate::metrics::Transport;
+use crate::request::{self, AttributeContext, CheckRequest, Entry, HttpRequest};
 use crate::server::{self, CheckService};
-use crate::token;
 
 /// How long a gateway may take to send a request's headers, or keep a connection idle between
 /// requests, before the connection is closed: gateways send at once and reconnect at will.
@@ -90,19 +88,23 @@ pub fn check_request(
     config: &HttpConfig,
 ) -> Result<CheckRequest, Outcome> {
     let text = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
+    let entry = |name: &'static str, value: &str| Entry {
+        key: Bytes::from_static(name.as_bytes()),
+        value: Bytes::copy_from_slice(value.as_bytes()),
+    };
     let mut authorization = headers.get_all(header::AUTHORIZATION).iter();
-    let mut map = HashMap::new();
+    let mut passed = Vec::with_capacity(1 + PASSED_ON.len());
     match (authorization.next(), authorization.next()) {
         (Some(_), Some(_)) => return Err(Outcome::MalformedRequest),
         (Some(value), None) => {
             let value = value.to_str().map_err(|_| Outcome::InvalidToken)?;
-            map.insert("authorization".to_owned(), value.to_owned());
+            passed.push(entry("authorization", value));
         }
         (None, _) => {}
     }
     for name in PASSED_ON {
         if let Some(value) = text(name) {
-            map.insert((*name).to_owned(), value.to_owned());
+            passed.push(entry(name, value));
         }
     }
     let own_host = || text(header::HOST.as_str()).or_else(|| uri.host());
@@ -131,20 +133,26 @@ pub fn check_request(
         ),
         OriginalRequest::Path => (method.as_str(), own_host(), own_path()),
     };
-    let (method, host) = (method.to_owned(), host.unwrap_or_default().to_owned());
-    Ok(token::check_request(HttpRequest {
-        method,
-        host,
-        path,
-        headers: map,
-        ..Default::default()
-    }))
+    Ok(CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(request::Request {
+                http: Some(HttpRequest {
+                    method: Bytes::copy_from_slice(method.as_bytes()),
+                    headers: passed,
+                    path: Bytes::from(path),
+                    host: Bytes::copy_from_slice(host.unwrap_or_default().as_bytes()),
+                    header_map: None,
+                }),
+            }),
+            context_extensions: Vec::new(),
+        }),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::token;
+    use crate::request::Entries as _;
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
@@ -158,7 +166,7 @@ mod tests {
     }
 
     fn http(request: &CheckRequest) -> &HttpRequest {
-        token::http_request(request).unwrap()
+        request.http().unwrap()
     }
 
     fn config(original: OriginalRequest, path_prefix: Option<&str>) -> HttpConfig {
@@ -182,11 +190,14 @@ mod tests {
         let forwarded = config(OriginalRequest::XForwarded, None);
         let request = check_request(&Method::GET, &uri, &caddy, &forwarded).unwrap();
         assert_eq!(
-            (http(&request).method.as_str(), http(&request).path.as_str()),
+            (http(&request).method(), http(&request).path()),
             ("POST", "/orders/7?page=2")
         );
-        assert_eq!(http(&request).host, "api.example");
-        assert_eq!(http(&request).headers["authorization"], "Bearer t");
+        assert_eq!(http(&request).host(), "api.example");
+        assert_eq!(
+            http(&request).headers.named("authorization"),
+            Some("Bearer t")
+        );
         // nginx.
         let nginx = headers(&[
             ("x-original-method", "PUT"),
@@ -196,29 +207,29 @@ mod tests {
         let original = config(OriginalRequest::XOriginal, None);
         let request = check_request(&Method::GET, &uri, &nginx, &original).unwrap();
         assert_eq!(
-            (http(&request).method.as_str(), http(&request).path.as_str()),
+            (http(&request).method(), http(&request).path()),
             ("PUT", "/a")
         );
         // A convention the gateway does not use is the client's word: ignored.
         let request = check_request(&Method::GET, &uri, &nginx, &forwarded).unwrap();
         assert_eq!(
-            (http(&request).method.as_str(), http(&request).path.as_str()),
+            (http(&request).method(), http(&request).path()),
             ("GET", "/authz?x=1")
         );
         let request = check_request(&Method::GET, &uri, &caddy, &original).unwrap();
-        assert_eq!(http(&request).path, "/authz?x=1");
+        assert_eq!(http(&request).path(), "/authz?x=1");
         // Envoy's http_service: the path itself, after the prefix.
         let envoy: axum::http::Uri = "/authz/orders/7".parse().unwrap();
         let path = config(OriginalRequest::Path, Some("/authz"));
         // Even X-Forwarded-* (from the client, through Envoy) are ignored in this mode.
         let request = check_request(&Method::DELETE, &envoy, &caddy, &path).unwrap();
         assert_eq!(
-            (http(&request).method.as_str(), http(&request).path.as_str()),
+            (http(&request).method(), http(&request).path()),
             ("DELETE", "/orders/7")
         );
         let bare: axum::http::Uri = "/authz".parse().unwrap();
         let request = check_request(&Method::GET, &bare, &HeaderMap::new(), &path).unwrap();
-        assert_eq!(http(&request).path, "/");
+        assert_eq!(http(&request).path(), "/");
     }
 
     #[test]

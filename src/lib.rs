@@ -4,6 +4,7 @@
 //!
 //! - [`server`]: the tonic adapter for `envoy.service.auth.v3.Authorization/Check` and the
 //!   admin HTTP endpoints (`/metrics`, `/healthz`, `/readyz`).
+//! - [`request`]: the part of Envoy's `CheckRequest` a Check reads, decoded without copying.
 //! - [`token`]: finding the bearer token in a `CheckRequest` and deriving its cache key. Pure.
 //! - [`cache`]: the in-process tier and the shared Redis tier holding token→JWT entries.
 //! - [`introspection`]: the HTTP client for the identity server and the parsing of its answers;
@@ -37,6 +38,7 @@ pub mod jwt;
 pub mod metrics;
 pub mod probe;
 pub mod reflection;
+pub mod request;
 pub mod route;
 pub mod server;
 pub mod telemetry;

@@ -6,11 +6,10 @@
 //! and method. It is checked on every allow, cache hits included, against claims read once when
 //! the token was introspected.
 
-use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
+use crate::request::{CheckRequest, Entries as _, HttpRequest};
 
 use crate::cache::Grant;
 use crate::decision::Outcome;
-use crate::token;
 
 /// The context extension naming the scopes a route requires (space-separated, all required).
 pub const REQUIRED_SCOPES: &str = "required_scopes";
@@ -78,29 +77,26 @@ impl RouteTable {
     /// What `request`'s route demands.
     pub fn demand<'a>(&'a self, request: &'a CheckRequest) -> Demand<'a> {
         // Each key looked up once, and not at all when Envoy sends no extensions (most Checks).
-        let (scopes, audience) = match request
-            .attributes
-            .as_ref()
-            .map(|attributes| &attributes.context_extensions)
-            .filter(|extensions| !extensions.is_empty())
-        {
-            Some(extensions) => (
-                extensions.get(REQUIRED_SCOPES),
-                extensions.get(REQUIRED_AUDIENCE),
-            ),
-            None => (None, None),
+        let extensions = request.context_extensions();
+        let (scopes, audience) = if extensions.is_empty() {
+            (None, None)
+        } else {
+            (
+                extensions.named(REQUIRED_SCOPES),
+                extensions.named(REQUIRED_AUDIENCE),
+            )
         };
         if scopes.is_some() || audience.is_some() {
-            return from_extensions(scopes.map(String::as_str), audience.map(String::as_str));
+            return from_extensions(scopes, audience);
         }
         if self.rules.is_empty() && self.unmatched == Unmatched::Allow {
             return Demand::Nothing;
         }
-        let http = token::http_request(request);
-        let method = http.map_or("", |http| http.method.as_str());
-        let path = http.map_or("", |http| http.path.as_str());
+        let http = request.http();
+        let method = http.map_or("", HttpRequest::method);
+        let path = http.map_or("", HttpRequest::path);
         let path = normalize_path(path.split(['?', '#']).next().unwrap_or_default());
-        let host = http.map_or("", |http| http.host.as_str());
+        let host = http.map_or("", HttpRequest::host);
         match self
             .rules
             .iter()
@@ -265,10 +261,11 @@ impl Demand<'_> {
 mod tests {
     use super::*;
     use crate::jwt::Claims;
-    use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
+    use crate::token;
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest as EnvoyHttp;
 
     fn request(method: &str, host: &str, path: &str, extensions: &[(&str, &str)]) -> CheckRequest {
-        let mut request = token::check_request(HttpRequest {
+        let mut request = token::check_request(EnvoyHttp {
             method: method.into(),
             host: host.into(),
             path: path.into(),
@@ -280,7 +277,7 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect();
         }
-        request
+        CheckRequest::from_envoy(&request).unwrap()
     }
 
     fn claims(scopes: &[&str], audiences: &[&str]) -> Grant {

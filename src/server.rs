@@ -11,7 +11,6 @@ use axum::Router;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -19,12 +18,11 @@ use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::PrometheusHandle;
 use prost::Message as _;
 use tokio::net::TcpListener;
-use tonic::codec::{Codec, EncodeBuf, Encoder};
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::{Body, Service, StdError, http};
 use tonic::server::{NamedService, UnaryService};
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
-use tonic_prost::ProstDecoder;
 use tracing::Instrument as _;
 
 use crate::authorizer::Authorizer;
@@ -32,6 +30,7 @@ use crate::config::GrpcLimits;
 use crate::decision::{AllowedJwt, Answer, Outcome, Responder};
 use crate::metrics::{CheckMetrics, Transport};
 use crate::reflection;
+use crate::request::{self, CheckRequest};
 use crate::route::{Demand, RouteTable};
 use crate::telemetry;
 use crate::token;
@@ -205,21 +204,36 @@ impl UnaryService<CheckRequest> for CheckMethod {
     }
 }
 
-/// Decodes `CheckRequest`s as prost does; writes an allow straight from its grant.
+/// Decodes the part of a `CheckRequest` a Check reads ([`request`]); writes an allow straight
+/// from its grant.
 struct CheckCodec(Arc<CheckService>);
 
 impl Codec for CheckCodec {
     type Encode = Answer;
     type Decode = CheckRequest;
     type Encoder = Self;
-    type Decoder = ProstDecoder<CheckRequest>;
+    type Decoder = CheckDecoder;
 
     fn encoder(&mut self) -> Self {
         CheckCodec(Arc::clone(&self.0))
     }
 
-    fn decoder(&mut self) -> Self::Decoder {
-        ProstDecoder::default()
+    fn decoder(&mut self) -> CheckDecoder {
+        CheckDecoder
+    }
+}
+
+struct CheckDecoder;
+
+impl Decoder for CheckDecoder {
+    type Item = CheckRequest;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<CheckRequest>, Status> {
+        // INTERNAL for a request that does not parse, as tonic's prost decoder answers.
+        request::decode(buf)
+            .map(Some)
+            .map_err(|error| Status::internal(error.to_string()))
     }
 }
 
@@ -240,7 +254,8 @@ impl Encoder for CheckCodec {
 
 /// Envoy's `x-request-id`, for correlating logs; bounded in length and printable only.
 fn request_id(request: &CheckRequest) -> &str {
-    token::http_request(request)
+    request
+        .http()
         .and_then(|http| token::header(http, "x-request-id"))
         .filter(|id| id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()))
         .unwrap_or("-")

@@ -9,8 +9,6 @@
 
 use std::time::Duration;
 
-use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
-use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
 use opentelemetry::propagation::{Extractor, TextMapPropagator as _};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::{WithExportConfig as _, WithTonicConfig as _};
@@ -24,6 +22,7 @@ use tracing_subscriber::registry::LookupSpan;
 
 use crate::decision::Outcome;
 use crate::metrics::{Lookup, Tier};
+use crate::request::{CheckRequest, HttpRequest};
 
 /// The `tracing` target of every exported span; no module bears this path, so no log event has it.
 pub const SPAN_TARGET: &str = "phantom_authz::spans";
@@ -116,7 +115,7 @@ pub fn continue_trace(span: &Span, request: &CheckRequest) {
     if span.is_disabled() {
         return;
     }
-    let Some(http) = crate::token::http_request(request) else {
+    let Some(http) = request.http() else {
         return;
     };
     let parent = TraceContextPropagator::new().extract(&Headers(http));
@@ -200,18 +199,20 @@ impl Extractor for Headers<'_> {
 mod tests {
     use super::*;
     use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest as EnvoyHttp;
     use opentelemetry::trace::{TraceContextExt as _, TraceId};
 
     const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
-    fn extract(http: &HttpRequest) -> opentelemetry::trace::SpanContext {
-        let cx = TraceContextPropagator::new().extract(&Headers(http));
+    fn extract(http: &EnvoyHttp) -> opentelemetry::trace::SpanContext {
+        let request = CheckRequest::from_envoy(&crate::token::check_request(http.clone())).unwrap();
+        let cx = TraceContextPropagator::new().extract(&Headers(request.http().unwrap()));
         cx.span().span_context().clone()
     }
 
     #[test]
     fn traceparent_is_found_in_either_header_encoding() {
-        let mut http = HttpRequest::default();
+        let mut http = EnvoyHttp::default();
         http.headers
             .insert("traceparent".to_string(), TRACEPARENT.to_string());
         let from_map = extract(&http);
@@ -221,7 +222,7 @@ mod tests {
             TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap()
         );
 
-        let raw = HttpRequest {
+        let raw = EnvoyHttp {
             header_map: Some(HeaderMap {
                 headers: vec![HeaderValue {
                     key: "Traceparent".to_string(),
@@ -236,8 +237,8 @@ mod tests {
 
     #[test]
     fn missing_or_malformed_traceparent_gives_no_parent() {
-        assert!(!extract(&HttpRequest::default()).is_valid());
-        let mut http = HttpRequest::default();
+        assert!(!extract(&EnvoyHttp::default()).is_valid());
+        let mut http = EnvoyHttp::default();
         http.headers
             .insert("traceparent".to_string(), "00-zz-yy-01".to_string());
         assert!(!extract(&http).is_valid());

@@ -2,10 +2,10 @@
 
 use std::fmt;
 
-use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
-use envoy_types::pb::envoy::service::auth::v3::attribute_context::Request;
-use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+use envoy_types::pb::envoy::service::auth::v3 as envoy;
 use sha2::{Digest, Sha256};
+
+use crate::request::{self, CheckRequest, Entries as _, HttpRequest};
 
 /// An opaque access token borrowed from the request. Its `Debug` never shows the value.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -67,26 +67,17 @@ pub enum TokenProblem {
 /// Finds the bearer token in Envoy's request attributes, in either header encoding:
 /// `headers` (a map of lowercase names) or, with `encode_raw_headers: true`, `header_map`.
 pub fn bearer_token(request: &CheckRequest, max_len: usize) -> Result<Token<'_>, TokenProblem> {
-    let http = http_request(request).ok_or(TokenProblem::Missing)?;
+    let http = request.http().ok_or(TokenProblem::Missing)?;
     let value = authorization_header(http)?.ok_or(TokenProblem::Missing)?;
     parse_bearer(value, max_len)
 }
 
-/// The HTTP request a Check is about, if Envoy sent one.
-pub fn http_request(request: &CheckRequest) -> Option<&HttpRequest> {
-    request
-        .attributes
-        .as_ref()
-        .and_then(|a| a.request.as_ref())
-        .and_then(|r| r.http.as_ref())
-}
-
-/// The `CheckRequest` Envoy sends about `http` (its inverse is [`http_request`]): for the
-/// front doors and clients that start from an HTTP request rather than from Envoy.
-pub fn check_request(http: HttpRequest) -> CheckRequest {
-    CheckRequest {
-        attributes: Some(AttributeContext {
-            request: Some(Request {
+/// The `CheckRequest` Envoy sends about `http`, in Envoy's own type: for clients that start
+/// from an HTTP request rather than from Envoy (`phantom-authz check`, the tests).
+pub fn check_request(http: envoy::attribute_context::HttpRequest) -> envoy::CheckRequest {
+    envoy::CheckRequest {
+        attributes: Some(envoy::AttributeContext {
+            request: Some(envoy::attribute_context::Request {
                 http: Some(http),
                 ..Default::default()
             }),
@@ -102,18 +93,18 @@ pub fn header<'a>(http: &'a HttpRequest, name: &str) -> Option<&'a str> {
         let header = map
             .headers
             .iter()
-            .find(|h| h.key.eq_ignore_ascii_case(name))?;
+            .find(|h| h.key.eq_ignore_ascii_case(name.as_bytes()))?;
         return if header.raw_value.is_empty() {
-            Some(header.value.as_str())
+            Some(request::text(&header.value))
         } else {
             std::str::from_utf8(&header.raw_value).ok()
         };
     }
-    http.headers.get(name).map(String::as_str).or_else(|| {
+    http.headers.named(name).or_else(|| {
         http.headers
             .iter()
-            .find(|(key, _)| key.eq_ignore_ascii_case(name))
-            .map(|(_, value)| value.as_str())
+            .find(|entry| entry.key.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|entry| request::text(&entry.value))
     })
 }
 
@@ -121,14 +112,14 @@ fn authorization_header(http: &HttpRequest) -> Result<Option<&str>, TokenProblem
     if let Some(map) = http.header_map.as_ref().filter(|m| !m.headers.is_empty()) {
         let mut found = None;
         for header in &map.headers {
-            if !header.key.eq_ignore_ascii_case("authorization") {
+            if !header.key.eq_ignore_ascii_case(b"authorization") {
                 continue;
             }
             if found.is_some() {
                 return Err(TokenProblem::Malformed);
             }
             let value = if header.raw_value.is_empty() {
-                header.value.as_str()
+                request::text(&header.value)
             } else {
                 std::str::from_utf8(&header.raw_value).map_err(|_| TokenProblem::Invalid)?
             };
@@ -137,14 +128,15 @@ fn authorization_header(http: &HttpRequest) -> Result<Option<&str>, TokenProblem
         return Ok(found);
     }
     // Envoy lowercases names; a hand-written client might not, and may send one name in two
-    // cases: that is as ambiguous as two headers, so every key is compared.
+    // cases, or one name twice in the map: that is as ambiguous as two headers, so every entry
+    // is compared.
     let mut found = None;
-    for (key, value) in &http.headers {
-        if key.eq_ignore_ascii_case("authorization") {
+    for entry in &http.headers {
+        if entry.key.eq_ignore_ascii_case(b"authorization") {
             if found.is_some() {
                 return Err(TokenProblem::Malformed);
             }
-            found = Some(value.as_str());
+            found = Some(request::text(&entry.value));
         }
     }
     Ok(found)
@@ -252,18 +244,18 @@ mod tests {
     use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
 
     fn request_with_headers(headers: &[(&str, &str)]) -> CheckRequest {
-        let http = HttpRequest {
+        let http = envoy::attribute_context::HttpRequest {
             headers: headers
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             ..Default::default()
         };
-        check_request(http)
+        CheckRequest::from_envoy(&check_request(http)).unwrap()
     }
 
     fn request_with_raw(headers: &[(&str, &[u8])]) -> CheckRequest {
-        let http = HttpRequest {
+        let http = envoy::attribute_context::HttpRequest {
             header_map: Some(HeaderMap {
                 headers: headers
                     .iter()
@@ -276,7 +268,7 @@ mod tests {
             }),
             ..Default::default()
         };
-        check_request(http)
+        CheckRequest::from_envoy(&check_request(http)).unwrap()
     }
 
     #[test]
@@ -365,15 +357,36 @@ mod tests {
     #[test]
     fn other_headers_are_found_in_either_encoding() {
         let req = request_with_headers(&[("X-Request-Id", "abc"), ("traceparent", "00-x")]);
-        let http = http_request(&req).unwrap();
+        let http = req.http().unwrap();
         assert_eq!(header(http, "x-request-id"), Some("abc"));
         assert_eq!(header(http, "traceparent"), Some("00-x"));
         assert_eq!(header(http, "missing"), None);
         let req = request_with_raw(&[("x-request-id", b"raw-id"), ("bad", b"\xff")]);
-        let http = http_request(&req).unwrap();
+        let http = req.http().unwrap();
         assert_eq!(header(http, "X-REQUEST-ID"), Some("raw-id"));
         assert_eq!(header(http, "bad"), None);
-        assert!(http_request(&CheckRequest::default()).is_none());
+        assert!(CheckRequest::default().http().is_none());
+    }
+
+    #[test]
+    fn one_name_twice_in_the_map_is_malformed() {
+        // Envoy's generated map would have kept one of them; which one a client meant is unknown.
+        let entry = |value: &'static str| crate::request::Entry {
+            key: bytes::Bytes::from_static(b"authorization"),
+            value: bytes::Bytes::from_static(value.as_bytes()),
+        };
+        let req = CheckRequest {
+            attributes: Some(crate::request::AttributeContext {
+                request: Some(crate::request::Request {
+                    http: Some(HttpRequest {
+                        headers: vec![entry("Bearer a"), entry("Bearer b")],
+                        ..Default::default()
+                    }),
+                }),
+                context_extensions: Vec::new(),
+            }),
+        };
+        assert_eq!(bearer_token(&req, 100), Err(TokenProblem::Malformed));
     }
 
     #[test]
