@@ -16,8 +16,8 @@ WORKDIR /build
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/build/target \
-    cargo build --release --locked --bin phantom-authz \
-    && cp target/release/phantom-authz /phantom-authz
+    cargo build --profile production --locked --bin phantom-authz \
+    && cp target/production/phantom-authz /phantom-authz
 
 # glibc + libgcc, CA certificates for https introspection, uid 65532, no shell.
 FROM gcr.io/distroless/cc-debian12:nonroot

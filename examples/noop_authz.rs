@@ -1,14 +1,21 @@
-//! The benchmark baseline: an ext_authz server on the same tonic and envoy-types as
-//! phantom-authz that allows every Check and sets one 1 KB `authorization` header, so the
-//! difference to phantom-authz is exactly the work phantom-authz adds.
+//! The benchmark baseline: an ext_authz server on the same tonic as phantom-authz that allows
+//! every Check and sets one `authorization` header (1 KB, or the value phantom-authz answers).
+//!
+//! With `--lean` it is the least this stack can do per Check: it reads the request as
+//! phantom-authz does ([`phantom_authz::request`]) and writes one pre-encoded answer, so the
+//! difference to phantom-authz is exactly the work phantom-authz adds (token, cache, route,
+//! metrics, the answer's encoding). Without it, it is an ext_authz server as tonic generates
+//! it: Envoy's full `CheckRequest` decoded, a `CheckResponse` built and encoded per Check.
 //!
 //! ```text
-//! cargo run --release --example noop_authz -- --listen 127.0.0.1:0
+//! cargo run --release --example noop_authz -- --listen 127.0.0.1:0 --lean
 //! ```
 
 use std::io::Write as _;
 use std::net::SocketAddr;
+use std::task::Poll;
 
+use bytes::{BufMut as _, Bytes};
 use clap::Parser;
 use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
 use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
@@ -18,6 +25,11 @@ use envoy_types::pb::envoy::service::auth::v3::authorization_server::{
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse, OkHttpResponse};
 use envoy_types::pb::google::rpc::Status as RpcStatus;
+use phantom_authz::request;
+use prost::Message as _;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codegen::{Body, Service, StdError, http};
+use tonic::server::{NamedService, UnaryService};
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
@@ -31,20 +43,18 @@ struct Args {
     /// very bytes phantom-authz writes for a token; a 1 KB placeholder without it.
     #[arg(long)]
     authorization_file: Option<std::path::PathBuf>,
+    /// Read only what phantom-authz reads of the request and write a pre-encoded answer.
+    #[arg(long)]
+    lean: bool,
 }
 
 struct Noop {
     authorization: String,
 }
 
-#[tonic::async_trait]
-impl Authorization for Noop {
-    async fn check(
-        &self,
-        _request: Request<CheckRequest>,
-    ) -> Result<Response<CheckResponse>, Status> {
-        // Built per call, as phantom-authz does, so both pay for the same copy.
-        Ok(Response::new(CheckResponse {
+impl Noop {
+    fn answer(&self) -> CheckResponse {
+        CheckResponse {
             status: Some(RpcStatus::default()),
             http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
                 headers: vec![HeaderValueOption {
@@ -59,7 +69,95 @@ impl Authorization for Noop {
                 ..Default::default()
             })),
             ..Default::default()
-        }))
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Authorization for Noop {
+    async fn check(
+        &self,
+        _request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        // Built per call, as a generated server does.
+        Ok(Response::new(self.answer()))
+    }
+}
+
+/// `--lean`: Checks decoded as phantom-authz decodes them, answered with bytes encoded once.
+#[derive(Clone)]
+struct Lean {
+    answer: Bytes,
+}
+
+impl NamedService for Lean {
+    const NAME: &'static str = "envoy.service.auth.v3.Authorization";
+}
+
+impl<B> Service<http::Request<B>> for Lean
+where
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = phantom_authz::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let lean = self.clone();
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(lean.clone());
+            Ok(grpc.unary(lean, request).await)
+        })
+    }
+}
+
+impl UnaryService<request::CheckRequest> for Lean {
+    type Response = Bytes;
+    type Future = std::future::Ready<Result<Response<Bytes>, Status>>;
+
+    fn call(&mut self, _request: Request<request::CheckRequest>) -> Self::Future {
+        std::future::ready(Ok(Response::new(self.answer.clone())))
+    }
+}
+
+impl Codec for Lean {
+    type Encode = Bytes;
+    type Decode = request::CheckRequest;
+    type Encoder = Self;
+    type Decoder = Self;
+
+    fn encoder(&mut self) -> Self {
+        self.clone()
+    }
+
+    fn decoder(&mut self) -> Self {
+        self.clone()
+    }
+}
+
+impl Decoder for Lean {
+    type Item = request::CheckRequest;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<request::CheckRequest>, Status> {
+        request::decode(buf)
+            .map(Some)
+            .map_err(|error| Status::internal(error.to_string()))
+    }
+}
+
+impl Encoder for Lean {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn encode(&mut self, answer: Bytes, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        buf.put_slice(&answer);
+        Ok(())
     }
 }
 
@@ -88,13 +186,22 @@ async fn main() {
         },
         None => format!("Bearer {}", "j".repeat(1024 - 7)),
     };
-    let service = Noop { authorization };
+    let noop = Noop { authorization };
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    if let Err(e) = tonic::transport::Server::builder()
-        .add_service(AuthorizationServer::new(service))
-        .serve_with_incoming(incoming)
-        .await
-    {
+    let mut server = tonic::transport::Server::builder();
+    let served = if args.lean {
+        let answer = Bytes::from(noop.answer().encode_to_vec());
+        server
+            .add_service(Lean { answer })
+            .serve_with_incoming(incoming)
+            .await
+    } else {
+        server
+            .add_service(AuthorizationServer::new(noop))
+            .serve_with_incoming(incoming)
+            .await
+    };
+    if let Err(e) = served {
         eprintln!("noop_authz: {e}");
         std::process::exit(1);
     }

@@ -43,13 +43,14 @@ if [ "$(id -u)" = 0 ] && [ "${BENCH_NICE:--10}" != 0 ]; then
 fi
 
 # --- process handling ----------------------------------------------------------------------
-# BENCH_BIN names a directory of binaries already built (a copy of target/release, to compare
-# builds): then nothing is built.
-BIN=${BENCH_BIN:-${CARGO_TARGET_DIR:-target}/release}
-build() { # build CARGO_BUILD_ARGS...: release binaries, unless BENCH_BIN is set
+# Binaries are built with the `production` profile, as the container image ships them. BENCH_BIN
+# names a directory of binaries already built (a copy of target/production, to compare builds):
+# then nothing is built.
+BIN=${BENCH_BIN:-${CARGO_TARGET_DIR:-target}/production}
+build() { # build CARGO_BUILD_ARGS...: production binaries, unless BENCH_BIN is set
     [ -n "${BENCH_BIN:-}" ] && return
-    log "building release binaries"
-    cargo build --locked --release "$@"
+    log "building production binaries (whole-program LTO: a few minutes)"
+    cargo build --locked --profile production "$@"
 }
 WORK=$(mktemp -d)
 PIDS=()
@@ -128,12 +129,16 @@ timed() {
     awk -v t="$times" 'BEGIN { split(t, a, " "); printf "%.0f\n", 100 * (a[1] + a[2]) / a[3] }'
 }
 
-# cpu_ticks PID: user + system CPU time the process has used so far, in clock ticks.
-cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+# cpu_ticks PID[,PID...]: user + system CPU time the processes have used so far, in clock ticks.
+cpu_ticks() {
+    local pid total=0
+    for pid in ${1//,/ }; do total=$((total + $(awk '{ print $14 + $15 }' "/proc/$pid/stat"))); done
+    echo "$total"
+}
 
-# h2load_run NAME SERVER_PID ARGS...: one h2load run; prints "req/s cpu% server-µs" (the
-# server's own CPU time, user and kernel, per request: unlike req/s, hardly moved by other work
-# on the machine) and keeps h2load's output in $WORK/NAME.out. Any failed or errored request
+# h2load_run NAME SERVER_PID[,PID...] ARGS...: one h2load run; prints "req/s cpu% server-µs"
+# (the server's own CPU time, user and kernel, per request, summed over the PIDs given: unlike
+# req/s, hardly moved by other work on the machine) and keeps h2load's output in $WORK/NAME.out. Any failed or errored request
 # fails the benchmark.
 h2load_run() {
     local name=$1 pid=$2 cpu rps ticks0 ticks1 requests; shift 2

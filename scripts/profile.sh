@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # profile.sh: instructions per local-hit Check, phantom-authz vs. the no-op answering the same
-# Authorization bytes, counted by callgrind (repeatable whatever else the machine runs).
+# Authorization bytes and reading the request as phantom-authz does (`--lean`), counted by callgrind (repeatable whatever else the machine runs).
 #
 # Each server runs under `valgrind --tool=callgrind` and gets PROFILE_SMALL, then (in a fresh
 # process) PROFILE_LARGE Checks from h2load (8 connections × 16 streams, the hot token's
@@ -57,7 +57,7 @@ counted() {
 }
 for checks in "$SMALL" "$LARGE"; do
     log "no-op, $checks Checks"
-    counted noop "$checks" "$BIN/examples/noop_authz" --listen 127.0.0.1:0 --authorization-file "$WORK/authorization"
+    counted noop "$checks" "$BIN/examples/noop_authz" --listen 127.0.0.1:0 --authorization-file "$WORK/authorization" --lean
     log "phantom-authz, $checks Checks"
     counted phantom "$checks" "$BIN/phantom-authz" --grpc-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
         --introspection-url "http://$IDP/oauth/v2/oauth-introspect" --client-id bench --client-secret bench-secret
