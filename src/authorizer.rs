@@ -2,7 +2,11 @@
 //! token to the IdP, and the TTL under which an answer is remembered.
 //!
 //! A Check reads Redis itself: a Redis hit costs one pipelined `GET` and no task. Checks that
-//! find a flight under way join it instead, so a burst for one token reads Redis once. A flight
+//! find a flight under way join it instead of reading Redis; Checks of one token that meet
+//! before any flight each read Redis, and after a miss join one flight, or find what a flight
+//! that landed meanwhile left in the in-process tiers. With no in-process tier
+//! (`--local-cache-ttl 0`), a Check whose Redis read outlasts such a flight introspects again: a
+//! burst then costs at most about one IdP call per Redis read time. A flight
 //! runs as a task of its own, not inside the Check that started it: Envoy cancels a Check at its
 //! deadline, and the introspection goes on to its end anyway (bounded by the IdP client's
 //! timeout), is counted by the guard and the metrics, and fills the caches, so the retry is a hit
@@ -143,9 +147,16 @@ impl Authorizer {
             }
             return outcome;
         }
-        // A flight that answered while this Check read Redis has filled the in-process tier.
+        // A flight that answered while this Check read Redis has filled the in-process tiers.
         if let Some(grant) = self.local.as_ref().and_then(|local| local.get(&key)) {
             return Outcome::Allow(AllowedJwt(grant));
+        }
+        if self
+            .inactive
+            .as_ref()
+            .is_some_and(|inactive| inactive.get(&key).is_some())
+        {
+            return Outcome::Inactive;
         }
         self.wait_for(key, self.flight(key, token, Via::Idp), deadline)
             .await
@@ -878,6 +889,41 @@ mod tests {
         ));
         assert_eq!(cache.gets.load(Ordering::SeqCst), 51);
         assert_eq!(idp.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_inactive_answer_that_lands_during_a_redis_read_is_not_asked_again() {
+        // Redis slower than the IdP: the first Check's flight lands while the second still
+        // reads Redis; the second finds the answer in the inactive tier.
+        let idp = Arc::new(ScriptedIdp {
+            calls: AtomicUsize::new(0),
+            delay: Duration::from_millis(2),
+            answer: Ok(Introspected::Inactive),
+        });
+        let cache = Arc::new(EmptyCache {
+            delay: Duration::from_millis(10),
+            gets: AtomicUsize::new(0),
+        });
+        let authorizer = Arc::new(Authorizer::new(
+            Some(LocalCache::new(100, 1 << 20)),
+            Some(cache.clone()),
+            idp.clone(),
+            Ttls {
+                inactive: Duration::from_secs(60),
+                ..ttls()
+            },
+        ));
+        let header = "Bearer revoked".to_string();
+        let token = parse_bearer(&header, 100).unwrap();
+        let first = authorizer.authorize(token);
+        let second = async {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            authorizer.authorize(token).await
+        };
+        let (first, second) = tokio::join!(first, second);
+        assert_eq!((first, second), (Outcome::Inactive, Outcome::Inactive));
+        assert_eq!(cache.gets.load(Ordering::SeqCst), 2);
+        assert_eq!(idp.calls.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -8,9 +8,13 @@
 //! Envoy's generated type allocates every header twice and hashes it into a map.
 //!
 //! The strings kept are checked to be UTF-8 once, when the request is decoded ([`decode`]), and
-//! a request where one is not is refused as prost would refuse it. A name sent twice in a map
+//! a request where one is not is refused, as prost refuses Envoy's type. Only the values kept are
+//! checked: fields not declared here, and a singular field's earlier occurrences when it is sent
+//! twice, are skipped or replaced unread. A name sent twice in a map
 //! stays twice here; lookups take the last, as a map would ([`Entries::named`]), except for the
 //! `Authorization` header, where two are refused ([`crate::token`]).
+
+use std::fmt;
 
 use bytes::{Buf, Bytes};
 use prost::Message as _;
@@ -63,8 +67,10 @@ pub struct HeaderMap {
     pub headers: Vec<HeaderValue>,
 }
 
-/// `envoy.config.core.v3.HeaderValue`: `value` is a string, `raw_value` bytes.
+/// `envoy.config.core.v3.HeaderValue`: `value` is a string, `raw_value` bytes. Its `Debug`
+/// shows the name and the value's length, never the value (it may be a bearer token).
 #[derive(Clone, PartialEq, prost::Message)]
+#[prost(skip_debug)]
 pub struct HeaderValue {
     #[prost(bytes = "bytes", tag = "1")]
     pub key: Bytes,
@@ -74,13 +80,34 @@ pub struct HeaderValue {
     pub raw_value: Bytes,
 }
 
-/// One entry of a `map<string, string>`.
+/// One entry of a `map<string, string>`. Its `Debug` shows the key and the value's length,
+/// never the value (it may be a bearer token).
 #[derive(Clone, PartialEq, prost::Message)]
+#[prost(skip_debug)]
 pub struct Entry {
     #[prost(bytes = "bytes", tag = "1")]
     pub key: Bytes,
     #[prost(bytes = "bytes", tag = "2")]
     pub value: Bytes,
+}
+
+impl fmt::Debug for HeaderValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HeaderValue")
+            .field("key", &String::from_utf8_lossy(&self.key))
+            .field("value_len", &self.value.len())
+            .field("raw_value_len", &self.raw_value.len())
+            .finish()
+    }
+}
+
+impl fmt::Debug for Entry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Entry")
+            .field("key", &String::from_utf8_lossy(&self.key))
+            .field("value_len", &self.value.len())
+            .finish()
+    }
 }
 
 /// Why a Check could not be decoded.
@@ -254,6 +281,32 @@ mod tests {
                 .http()
                 .is_none()
         );
+    }
+
+    #[test]
+    fn debug_output_never_shows_a_header_value() {
+        let mut request = envoy_request();
+        let http = request
+            .attributes
+            .as_mut()
+            .and_then(|a| a.request.as_mut())
+            .and_then(|r| r.http.as_mut())
+            .unwrap();
+        http.headers
+            .insert("authorization".into(), "Bearer Kq7ZxCanary".into());
+        http.header_map
+            .as_mut()
+            .unwrap()
+            .headers
+            .push(core::HeaderValue {
+                key: "authorization".into(),
+                raw_value: b"Bearer Kq7ZxCanaryRaw".to_vec(),
+                ..Default::default()
+            });
+        let ours = CheckRequest::from_envoy(&request).unwrap();
+        let shown = format!("{ours:?} {ours:#?}");
+        assert!(shown.contains("authorization"), "{shown}");
+        assert!(!shown.contains("Kq7ZxCanary"), "{shown}");
     }
 
     #[test]
