@@ -26,8 +26,9 @@ use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse, OkHttpResponse};
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use phantom_authz::request;
+use phantom_authz::server::CheckDecoder;
 use prost::Message as _;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codec::{Codec, EncodeBuf, Encoder};
 use tonic::codegen::{Body, Service, StdError, http};
 use tonic::server::{NamedService, UnaryService};
 use tonic::transport::server::TcpIncoming;
@@ -129,25 +130,14 @@ impl Codec for Lean {
     type Encode = Bytes;
     type Decode = request::CheckRequest;
     type Encoder = Self;
-    type Decoder = Self;
+    type Decoder = CheckDecoder;
 
     fn encoder(&mut self) -> Self {
         self.clone()
     }
 
-    fn decoder(&mut self) -> Self {
-        self.clone()
-    }
-}
-
-impl Decoder for Lean {
-    type Item = request::CheckRequest;
-    type Error = Status;
-
-    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<request::CheckRequest>, Status> {
-        request::decode(buf)
-            .map(Some)
-            .map_err(|error| Status::internal(error.to_string()))
+    fn decoder(&mut self) -> CheckDecoder {
+        CheckDecoder
     }
 }
 

@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use crate::config::{HttpConfig, OriginalRequest};
 use crate::decision::Outcome;
 use crate::metrics::Transport;
-use crate::request::{self, AttributeContext, CheckRequest, Entry, HttpRequest};
+use crate::request::{CheckRequest, Entry, HttpRequest};
 use crate::server::{self, CheckService};
 
 /// How long a gateway may take to send a request's headers, or keep a connection idle between
@@ -133,20 +133,13 @@ pub fn check_request(
         ),
         OriginalRequest::Path => (method.as_str(), own_host(), own_path()),
     };
-    Ok(CheckRequest {
-        attributes: Some(AttributeContext {
-            request: Some(request::Request {
-                http: Some(HttpRequest {
-                    method: Bytes::copy_from_slice(method.as_bytes()),
-                    headers: passed,
-                    path: Bytes::from(path),
-                    host: Bytes::copy_from_slice(host.unwrap_or_default().as_bytes()),
-                    header_map: None,
-                }),
-            }),
-            context_extensions: Vec::new(),
-        }),
-    })
+    Ok(CheckRequest::about(HttpRequest {
+        method: Bytes::copy_from_slice(method.as_bytes()),
+        headers: passed,
+        path: Bytes::from(path),
+        host: Bytes::copy_from_slice(host.unwrap_or_default().as_bytes()),
+        header_map: None,
+    }))
 }
 
 #[cfg(test)]

@@ -10,9 +10,9 @@
 //! The strings kept are checked to be UTF-8 once, when the request is decoded ([`decode`]), and
 //! a request where one is not is refused, as prost refuses Envoy's type. Only the values kept are
 //! checked: fields not declared here, and a singular field's earlier occurrences when it is sent
-//! twice, are skipped or replaced unread. A name sent twice in a map
-//! stays twice here; lookups take the last, as a map would ([`Entries::named`]), except for the
-//! `Authorization` header, where two are refused ([`crate::token`]).
+//! twice, are skipped or replaced unread. A name sent twice in a map stays twice here; lookups
+//! take the last, as a map would ([`Entries::named`]), except for the `Authorization` header,
+//! where two are refused ([`crate::token`]).
 
 use std::fmt;
 
@@ -131,6 +131,17 @@ pub fn decode(buf: impl Buf) -> Result<CheckRequest, BadRequest> {
 }
 
 impl CheckRequest {
+    /// The Check Envoy sends about `http`, with no context extensions: for the front doors that
+    /// start from an HTTP request.
+    pub fn about(http: HttpRequest) -> Self {
+        CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(Request { http: Some(http) }),
+                context_extensions: Vec::new(),
+            }),
+        }
+    }
+
     /// The HTTP request the Check is about, if Envoy sent one.
     pub fn http(&self) -> Option<&HttpRequest> {
         self.attributes
@@ -186,6 +197,18 @@ impl HttpRequest {
 
     pub fn host(&self) -> &str {
         text(&self.host)
+    }
+}
+
+impl HeaderValue {
+    /// The value in whichever field Envoy filled (`raw_value` with `encode_raw_headers: true`);
+    /// `None` when a raw value is not UTF-8.
+    pub fn text(&self) -> Option<&str> {
+        if self.raw_value.is_empty() {
+            Some(text(&self.value))
+        } else {
+            std::str::from_utf8(&self.raw_value).ok()
+        }
     }
 }
 
@@ -334,12 +357,7 @@ mod tests {
 
     #[test]
     fn a_kept_string_that_is_not_utf8_is_refused_as_prost_refuses_it() {
-        let http = |http: HttpRequest| CheckRequest {
-            attributes: Some(AttributeContext {
-                request: Some(Request { http: Some(http) }),
-                context_extensions: Vec::new(),
-            }),
-        };
+        let http = CheckRequest::about;
         let bad = Bytes::from_static(b"\xff\xfe");
         let entry = |key: &Bytes, value: &Bytes| Entry {
             key: key.clone(),

@@ -229,14 +229,15 @@ impl Codec for CheckCodec {
     }
 }
 
-struct CheckDecoder;
+/// Decodes a Check as [`request::decode`] does; a request that does not parse is `INTERNAL`, as
+/// tonic's prost decoder answers. Public for the benchmark's no-op, which reads requests alike.
+pub struct CheckDecoder;
 
 impl Decoder for CheckDecoder {
     type Item = CheckRequest;
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<CheckRequest>, Status> {
-        // INTERNAL for a request that does not parse, as tonic's prost decoder answers.
         request::decode(buf)
             .map(Some)
             .map_err(|error| Status::internal(error.to_string()))

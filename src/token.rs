@@ -90,15 +90,11 @@ pub fn check_request(http: envoy::attribute_context::HttpRequest) -> envoy::Chec
 /// value that is not UTF-8 counts as absent. For headers that are not credentials.
 pub fn header<'a>(http: &'a HttpRequest, name: &str) -> Option<&'a str> {
     if let Some(map) = http.header_map.as_ref().filter(|m| !m.headers.is_empty()) {
-        let header = map
+        return map
             .headers
             .iter()
-            .find(|h| h.key.eq_ignore_ascii_case(name.as_bytes()))?;
-        return if header.raw_value.is_empty() {
-            Some(request::text(&header.value))
-        } else {
-            std::str::from_utf8(&header.raw_value).ok()
-        };
+            .find(|h| h.key.eq_ignore_ascii_case(name.as_bytes()))?
+            .text();
     }
     http.headers.named(name).or_else(|| {
         http.headers
@@ -118,12 +114,7 @@ fn authorization_header(http: &HttpRequest) -> Result<Option<&str>, TokenProblem
             if found.is_some() {
                 return Err(TokenProblem::Malformed);
             }
-            let value = if header.raw_value.is_empty() {
-                request::text(&header.value)
-            } else {
-                std::str::from_utf8(&header.raw_value).map_err(|_| TokenProblem::Invalid)?
-            };
-            found = Some(value);
+            found = Some(header.text().ok_or(TokenProblem::Invalid)?);
         }
         return Ok(found);
     }
@@ -375,17 +366,10 @@ mod tests {
             key: bytes::Bytes::from_static(b"authorization"),
             value: bytes::Bytes::from_static(value.as_bytes()),
         };
-        let req = CheckRequest {
-            attributes: Some(crate::request::AttributeContext {
-                request: Some(crate::request::Request {
-                    http: Some(HttpRequest {
-                        headers: vec![entry("Bearer a"), entry("Bearer b")],
-                        ..Default::default()
-                    }),
-                }),
-                context_extensions: Vec::new(),
-            }),
-        };
+        let req = CheckRequest::about(HttpRequest {
+            headers: vec![entry("Bearer a"), entry("Bearer b")],
+            ..Default::default()
+        });
         assert_eq!(bearer_token(&req, 100), Err(TokenProblem::Malformed));
     }
 
