@@ -196,6 +196,27 @@ fn assert_exits_within_the_grace(service: &mut Service, held: &tokio::net::TcpSt
     assert!(log.contains("grace period"), "{log}");
 }
 
+/// Bytes the server has received from `client` on its `server` socket but not read yet, from
+/// the kernel's table of IPv4 TCP sockets; `None` while there is no such socket.
+fn unread_by_server(server: std::net::SocketAddr, client: std::net::SocketAddr) -> Option<u64> {
+    let hex = |addr: std::net::SocketAddr| match addr {
+        std::net::SocketAddr::V4(v4) => format!(
+            "{:08X}:{:04X}",
+            u32::from_le_bytes(v4.ip().octets()),
+            v4.port()
+        ),
+        std::net::SocketAddr::V6(_) => String::new(),
+    };
+    let (local, remote) = (hex(server), hex(client));
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (_, queues) = fields.get(4)?.split_once(':')?;
+        (fields.get(1) == Some(&local.as_str()) && fields.get(2) == Some(&remote.as_str()))
+            .then(|| u64::from_str_radix(queues, 16).ok())?
+    })
+}
+
 #[tokio::test]
 async fn sigterm_exits_within_the_grace_despite_a_half_sent_admin_request() {
     use tokio::io::AsyncWriteExt as _;
@@ -205,6 +226,17 @@ async fn sigterm_exits_within_the_grace_despite_a_half_sent_admin_request() {
     held.write_all(b"GET /metrics HTTP/1.1\r\nHost: phantom-authz\r\n")
         .await
         .unwrap();
+    // Signalled before the server reads those bytes, it would close the connection as idle,
+    // without the wait this test is about.
+    let client = held.local_addr().unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), async || unread_by_server(
+            service.admin,
+            client
+        ) == Some(0))
+        .await,
+        "the server never read the half-sent request"
+    );
     assert_exits_within_the_grace(&mut service, &held);
     assert!(service.log().contains("admin HTTP"), "{}", service.log());
 }
