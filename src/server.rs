@@ -18,7 +18,7 @@ use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::PrometheusHandle;
 use prost::Message as _;
 use tokio::net::TcpListener;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::{Body, Service, StdError, http};
 use tonic::server::{NamedService, UnaryService};
 use tonic::transport::server::TcpIncoming;
@@ -229,6 +229,10 @@ impl Codec for CheckCodec {
     }
 }
 
+/// What a Check's decoding buffer starts with: Envoy's requests with a usual set of headers
+/// fit, and a buffer this small is among the allocator's quickest.
+const DECODE_BUFFER_BYTES: usize = 1024;
+
 /// Decodes a Check as [`request::decode`] does; a request that does not parse is `INTERNAL`, as
 /// tonic's prost decoder answers. Public for the benchmark's no-op, which reads requests alike.
 pub struct CheckDecoder;
@@ -241,6 +245,12 @@ impl Decoder for CheckDecoder {
         request::decode(buf)
             .map(Some)
             .map_err(|error| Status::internal(error.to_string()))
+    }
+
+    /// Room for a typical Check from the start (tonic's default is 8 KiB); a larger one grows
+    /// the buffer once.
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::new(DECODE_BUFFER_BYTES, 32 * 1024)
     }
 }
 

@@ -50,21 +50,26 @@ impl Grant {
         let strings = strings.chain(audiences.iter().copied());
         let claims_len: usize = strings.clone().map(|s| s.len() + 1).sum();
 
-        let mut bytes = Vec::with_capacity(HEADER + claims_len + BEARER.len() + jwt.len());
+        // Written in place: collected into a `Vec` first, the kilobyte would be allocated and
+        // copied twice (a Redis hit builds one of these per Check).
+        let len = HEADER + claims_len + BEARER.len() + jwt.len();
+        let mut grant: Arc<[u8]> = std::iter::repeat_n(0, len).collect();
+        let mut out = Arc::get_mut(&mut grant).expect("a new Arc is not shared");
         let (present, exp) = claims.exp.map_or((0, 0), |exp| (1, exp));
-        bytes.push(present);
-        bytes.extend_from_slice(&exp.to_le_bytes());
+        put(&mut out, &[present]);
+        put(&mut out, &exp.to_le_bytes());
         // At most 514 values of at most 1 KiB each: well inside u32, and the counts in u16.
-        bytes.extend_from_slice(&(claims_len as u32).to_le_bytes());
-        bytes.extend_from_slice(&(scopes.len() as u16).to_le_bytes());
-        bytes.extend_from_slice(&(audiences.len() as u16).to_le_bytes());
+        put(&mut out, &(claims_len as u32).to_le_bytes());
+        put(&mut out, &(scopes.len() as u16).to_le_bytes());
+        put(&mut out, &(audiences.len() as u16).to_le_bytes());
         for string in strings {
-            bytes.extend_from_slice(string.as_bytes());
-            bytes.push(0);
+            put(&mut out, string.as_bytes());
+            put(&mut out, &[0]);
         }
-        bytes.extend_from_slice(BEARER.as_bytes());
-        bytes.extend_from_slice(jwt.as_bytes());
-        Grant(bytes.into())
+        put(&mut out, BEARER.as_bytes());
+        put(&mut out, jwt.as_bytes());
+        debug_assert!(out.is_empty());
+        Grant(grant)
     }
 
     /// A copy of the grant, made on a thread of its own: where it is to stay, in the in-process
@@ -166,6 +171,13 @@ impl Grant {
             .split(|&b| b == 0)
             .map(|s| std::str::from_utf8(s).unwrap_or_default())
     }
+}
+
+/// Writes `bytes` at the start of `out` and moves `out` past them.
+fn put(out: &mut &mut [u8], bytes: &[u8]) {
+    let (head, rest) = std::mem::take(out).split_at_mut(bytes.len());
+    head.copy_from_slice(bytes);
+    *out = rest;
 }
 
 type Settle = (Grant, oneshot::Sender<Grant>);
