@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use aes_gcm::aead::{Aead, AeadInOut, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
-use hkdf::Hkdf;
+use hkdf::{Hkdf, HkdfExtract};
 use redis::AsyncCommands;
 use sha2::Sha256;
 
@@ -51,7 +51,7 @@ const EXPIRY_LEN: usize = 8;
 
 /// The secrets entries are bound to; the first names and seals, all open.
 #[derive(Clone)]
-pub struct CacheSecrets(Vec<Secret>);
+pub struct CacheSecrets(Vec<Keyed>);
 
 impl std::fmt::Debug for CacheSecrets {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -75,7 +75,7 @@ impl CacheSecrets {
                     len: line.len(),
                 });
             }
-            secrets.push(Secret::new(line));
+            secrets.push(Keyed::new(line.as_bytes()));
         }
         if secrets.is_empty() {
             return Err(SecretFileError::Empty);
@@ -84,10 +84,26 @@ impl CacheSecrets {
     }
 
     fn slots(&self, token: Token<'_>) -> Vec<Slot> {
-        self.0
-            .iter()
-            .map(|secret| Slot::derive(secret.expose().as_bytes(), token))
-            .collect()
+        self.0.iter().map(|secret| secret.slot(token)).collect()
+    }
+}
+
+/// One secret, ready to derive slots from: HMAC's key schedule for it (two SHA-256 blocks of
+/// the eleven a Redis lookup hashes) runs once, not per lookup. Holds what the secret keys, so
+/// it is as secret: no `Debug`.
+#[derive(Clone)]
+struct Keyed(HkdfExtract<Sha256>);
+
+impl Keyed {
+    fn new(secret: &[u8]) -> Self {
+        Self(HkdfExtract::new(Some(secret)))
+    }
+
+    /// What [`Slot::derive`] gives for this secret.
+    fn slot(&self, token: Token<'_>) -> Slot {
+        let mut extract = self.0.clone();
+        extract.input_ikm(token.expose().as_bytes());
+        Slot::expand(&extract.finalize().1)
     }
 }
 
@@ -111,7 +127,11 @@ pub struct Slot {
 
 impl Slot {
     pub fn derive(secret: &[u8], token: Token<'_>) -> Self {
-        let hkdf = Hkdf::<Sha256>::new(Some(secret), token.expose().as_bytes());
+        Keyed::new(secret).slot(token)
+    }
+
+    /// The slot of a token's HKDF state (salt: the secret, input: the token).
+    fn expand(hkdf: &Hkdf<Sha256>) -> Self {
         let mut name = [0u8; 32];
         let mut key = [0u8; 32];
         hkdf.expand(b"phantom-authz v2 redis key name", &mut name)
@@ -476,7 +496,7 @@ impl SharedCache for RedisCache {
         entry: &CachedJwt,
         ttl: Duration,
     ) -> BoxFuture<'static, Result<(), CacheError>> {
-        let slot = Slot::derive(self.secrets.0[0].expose().as_bytes(), token);
+        let slot = self.secrets.0[0].slot(token);
         let value = slot.seal(entry);
         let mut connection = self.connection.clone();
         // Told of failures while `connection` is borrowed by a command.
@@ -632,6 +652,41 @@ mod tests {
         );
         // Two seals of one entry differ (fresh nonces).
         assert_ne!(sealed, slot.seal(&entry).unwrap());
+    }
+
+    #[test]
+    fn a_keyed_secret_derives_what_plain_hkdf_derives() {
+        // Entries written before the key schedule was kept per secret must still be found.
+        let token = parse_token("token-one", 100).unwrap();
+        let slot = CacheSecrets::parse(std::str::from_utf8(SECRET).unwrap())
+            .unwrap()
+            .slots(token)
+            .remove(0);
+        let plain = Hkdf::<Sha256>::new(Some(SECRET), b"token-one");
+        let mut name = [0u8; 32];
+        plain
+            .expand(b"phantom-authz v2 redis key name", &mut name)
+            .unwrap();
+        let hex: String = name.iter().map(|byte| format!("{byte:02x}")).collect();
+        assert_eq!(slot.name(), format!("{KEY_PREFIX}{hex}"));
+        let mut key = [0u8; 32];
+        plain
+            .expand(b"phantom-authz v2 value key", &mut key)
+            .unwrap();
+        let entry = CachedJwt {
+            grant: Grant::new(&jwt(1_800_000_000), &Claims::default()),
+            expires_at_ms: u64::MAX,
+        };
+        let mut sealed = slot.seal(&entry).unwrap();
+        let (nonce, sealed_data) = sealed.split_at_mut(NONCE_LEN);
+        let opened = Aes256Gcm::new(&key.into()).decrypt(
+            &Nonce::try_from(&*nonce).unwrap(),
+            Payload {
+                msg: sealed_data,
+                aad: slot.name().as_bytes(),
+            },
+        );
+        assert!(opened.is_ok());
     }
 
     #[test]
