@@ -1,8 +1,9 @@
 //! The benchmark baseline: an ext_authz server on the same tonic as phantom-authz that allows
 //! every Check and sets one `authorization` header (1 KB, or the value phantom-authz answers).
 //!
-//! With `--lean` it is the least this stack can do per Check: it reads the request as
-//! phantom-authz does ([`phantom_authz::request`]) and writes one pre-encoded answer, so the
+//! With `--lean` it is the least this stack can do per Check: it takes Checks past tonic's
+//! router and reads them as phantom-authz does ([`phantom_authz::server::ChecksFirst`],
+//! [`phantom_authz::request`]) and writes one pre-encoded answer, so the
 //! difference to phantom-authz is exactly the work phantom-authz adds (token, cache, route,
 //! metrics, the answer's encoding). Without it, it is an ext_authz server as tonic generates
 //! it: Envoy's full `CheckRequest` decoded, a `CheckResponse` built and encoded per Check.
@@ -26,7 +27,7 @@ use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse, OkHttpResponse};
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use phantom_authz::request;
-use phantom_authz::server::CheckDecoder;
+use phantom_authz::server::{CheckDecoder, ChecksFirst};
 use prost::Message as _;
 use tonic::codec::{Codec, EncodeBuf, Encoder};
 use tonic::codegen::{Body, Service, StdError, http};
@@ -180,9 +181,13 @@ async fn main() {
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let mut server = tonic::transport::Server::builder();
     let served = if args.lean {
-        let answer = Bytes::from(noop.answer().encode_to_vec());
+        let lean = Lean {
+            answer: Bytes::from(noop.answer().encode_to_vec()),
+        };
+        // Checks past tonic's router, as phantom-authz serves them.
         server
-            .add_service(Lean { answer })
+            .layer(ChecksFirst(lean.clone()))
+            .add_service(lean)
             .serve_with_incoming(incoming)
             .await
     } else {

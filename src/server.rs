@@ -194,6 +194,64 @@ where
     }
 }
 
+/// A layer for tonic's server that hands each Check straight to `check`. tonic's router finds
+/// every request's service by matching its path and stores the match in the request's
+/// extensions (allocations of its own); a Check needs none of that. Every other path (health,
+/// reflection, unknown methods) goes on to the router, as before. Public for the benchmark's
+/// no-op, which serves alike.
+#[derive(Clone)]
+pub struct ChecksFirst<C>(pub C);
+
+/// [`ChecksFirst`] around tonic's router.
+#[derive(Clone)]
+pub struct ChecksFirstService<C, S> {
+    check: C,
+    others: S,
+}
+
+impl<C: Clone, S> tower_layer::Layer<S> for ChecksFirst<C> {
+    type Service = ChecksFirstService<C, S>;
+
+    fn layer(&self, others: S) -> Self::Service {
+        ChecksFirstService {
+            check: self.0.clone(),
+            others,
+        }
+    }
+}
+
+impl<C, S, B> Service<http::Request<B>> for ChecksFirstService<C, S>
+where
+    C: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    C::Error: Into<StdError>,
+    S::Error: Into<StdError>,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = StdError;
+    type Future = futures_util::future::Either<
+        futures_util::future::ErrInto<C::Future, StdError>,
+        futures_util::future::ErrInto<S::Future, StdError>,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Both are readied, whichever the next request goes to.
+        match self.check.poll_ready(cx).map_err(Into::into)? {
+            Poll::Ready(()) => self.others.poll_ready(cx).map_err(Into::into),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        use futures_util::TryFutureExt as _;
+        if request.uri().path() == CHECK_PATH {
+            futures_util::future::Either::Left(self.check.call(request).err_into())
+        } else {
+            futures_util::future::Either::Right(self.others.call(request).err_into())
+        }
+    }
+}
+
 /// The Check method itself: the request decoded, the answer left for [`CheckCodec`] to write.
 struct CheckMethod(Arc<CheckService>);
 
@@ -298,13 +356,15 @@ pub async fn serve_grpc(
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }
+    let check = CheckServer::new(service, limits.max_request_bytes);
     builder
+        .layer(ChecksFirst(check.clone()))
         .add_service(health_service)
         .add_optional_service(reflection::service(&[
             EXT_AUTHZ_DESCRIPTORS,
             HEALTH_DESCRIPTORS,
         ]))
-        .add_service(CheckServer::new(service, limits.max_request_bytes))
+        .add_service(check)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }

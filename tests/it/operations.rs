@@ -776,3 +776,41 @@ async fn grpc_reflection_describes_ext_authz_and_health() {
     };
     assert!(!files.file_descriptor_proto.is_empty());
 }
+
+#[tokio::test]
+async fn a_method_or_service_that_is_not_served_is_unimplemented() {
+    use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
+    let idp = Idp::start(|_| Reply::status(204)).await;
+    let service = Service::start(&idp.url(), "jwt", &[]);
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", service.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    // Checks skip the router; everything else still goes through it.
+    for path in [
+        "/envoy.service.auth.v3.Authorization/Report",
+        "/envoy.service.auth.v3.Authorization/Check/",
+        "/envoy.service.auth.v2.Authorization/Check",
+        "/no.such.Service/Check",
+    ] {
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        grpc.ready().await.unwrap();
+        let answer = grpc
+            .unary(
+                tonic::Request::new(CheckRequest::default()),
+                tonic::codegen::http::uri::PathAndQuery::from_static(path),
+                tonic_prost::ProstCodec::<CheckRequest, CheckResponse>::default(),
+            )
+            .await;
+        let status = answer.expect_err(path);
+        assert_eq!(
+            status.code(),
+            tonic::Code::Unimplemented,
+            "{path}: {status:?}"
+        );
+    }
+    // And the Check itself still answers.
+    let verdict = check(&mut service.client().await, bearer_request("any-token")).await;
+    assert_eq!(verdict.http_status, 401);
+}
