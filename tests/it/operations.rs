@@ -140,11 +140,7 @@ async fn overall_health_is_not_serving_from_sigterm_on_while_checks_drain() {
     );
     // At SIGTERM the listener stops accepting and open connections take no new calls, so the
     // status is watched on a stream opened before (as `Watch` streams its changes).
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", service.grpc))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = service.channel().await;
     let mut watch = HealthClient::new(channel.clone())
         .watch(HealthCheckRequest {
             service: String::new(),
@@ -196,8 +192,8 @@ fn assert_exits_within_the_grace(service: &mut Service, held: &tokio::net::TcpSt
     assert!(log.contains("grace period"), "{log}");
 }
 
-/// Bytes the server has received from `client` on its `server` socket but not read yet, from
-/// the kernel's table of IPv4 TCP sockets; `None` while there is no such socket.
+/// Bytes the server has received from `client` on its `server` socket but not read yet; `None`
+/// while there is no such socket.
 fn unread_by_server(server: std::net::SocketAddr, client: std::net::SocketAddr) -> Option<u64> {
     let hex = |addr: std::net::SocketAddr| match addr {
         std::net::SocketAddr::V4(v4) => format!(
@@ -208,13 +204,10 @@ fn unread_by_server(server: std::net::SocketAddr, client: std::net::SocketAddr) 
         std::net::SocketAddr::V6(_) => String::new(),
     };
     let (local, remote) = (hex(server), hex(client));
-    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
-    table.lines().skip(1).find_map(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let (_, queues) = fields.get(4)?.split_once(':')?;
-        (fields.get(1) == Some(&local.as_str()) && fields.get(2) == Some(&remote.as_str()))
-            .then(|| u64::from_str_radix(queues, 16).ok())?
-    })
+    tcp_sockets()
+        .into_iter()
+        .find(|socket| socket.local == local && socket.remote == remote)
+        .map(|socket| socket.unread)
 }
 
 #[tokio::test]
@@ -737,11 +730,7 @@ async fn grpc_reflection_describes_ext_authz_and_health() {
 
     let idp = Idp::start(|_| Reply::status(204)).await;
     let service = Service::start(&idp.url(), "jwt", &[]);
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", service.grpc))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = service.channel().await;
     let mut client = ServerReflectionClient::new(channel);
     let requests = [
         MessageRequest::ListServices(String::new()),
@@ -782,11 +771,7 @@ async fn a_method_or_service_that_is_not_served_is_unimplemented() {
     use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
     let idp = Idp::start(|_| Reply::status(204)).await;
     let service = Service::start(&idp.url(), "jwt", &[]);
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", service.grpc))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = service.channel().await;
     // Checks skip the router; everything else still goes through it.
     for path in [
         "/envoy.service.auth.v3.Authorization/Report",

@@ -114,7 +114,14 @@ impl Service {
     }
 
     pub(crate) async fn client(&self) -> AuthorizationClient<Channel> {
-        AuthorizationClient::connect(format!("http://{}", self.grpc))
+        AuthorizationClient::new(self.channel().await)
+    }
+
+    /// A connected channel to the gRPC listener, for any of its services.
+    pub(crate) async fn channel(&self) -> Channel {
+        tonic::transport::Endpoint::from_shared(format!("http://{}", self.grpc))
+            .unwrap()
+            .connect()
             .await
             .unwrap()
     }
@@ -220,21 +227,57 @@ impl Service {
                 })
                 .collect();
         let mut ports = std::collections::BTreeSet::new();
-        for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-            let Ok(text) = std::fs::read_to_string(table) else {
-                continue;
-            };
-            for line in text.lines().skip(1) {
-                let fields: Vec<&str> = line.split_whitespace().collect();
-                // local_address is field 1, state 3 (0A = LISTEN), inode 9.
-                if fields.len() > 9 && fields[3] == "0A" && inodes.contains(fields[9]) {
-                    let port = fields[1].rsplit(':').next().unwrap();
-                    ports.insert(u16::from_str_radix(port, 16).unwrap());
-                }
+        for socket in tcp_sockets() {
+            // 0A: LISTEN.
+            if socket.state == "0A" && inodes.contains(&socket.inode) {
+                let port = socket.local.rsplit(':').next().unwrap();
+                ports.insert(u16::from_str_radix(port, 16).unwrap());
             }
         }
         ports
     }
+}
+
+/// One TCP socket as the kernel lists it in /proc/net/tcp and tcp6: addresses in its hex form
+/// (`0100007F:1F90` for 127.0.0.1:8080).
+pub(crate) struct TcpSocket {
+    pub(crate) local: String,
+    pub(crate) remote: String,
+    pub(crate) state: String,
+    /// Bytes received and not yet read by the socket's owner.
+    pub(crate) unread: u64,
+    pub(crate) inode: String,
+}
+
+/// Every IPv4 and IPv6 TCP socket of the machine.
+pub(crate) fn tcp_sockets() -> Vec<TcpSocket> {
+    let mut sockets = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // local_address 1, rem_address 2, st 3, tx_queue:rx_queue 4, inode 9.
+            let (Some(queues), Some(inode)) = (fields.get(4), fields.get(9)) else {
+                continue;
+            };
+            let Some(unread) = queues
+                .split_once(':')
+                .and_then(|(_, rx)| u64::from_str_radix(rx, 16).ok())
+            else {
+                continue;
+            };
+            sockets.push(TcpSocket {
+                local: fields[1].to_owned(),
+                remote: fields[2].to_owned(),
+                state: fields[3].to_owned(),
+                unread,
+                inode: (*inode).to_owned(),
+            });
+        }
+    }
+    sockets
 }
 
 /// Calls `EvictToken` on `addr`, presenting `authorization` as given.
